@@ -1,0 +1,38 @@
+# Two commands for a fresh machine, each doing its own set-up:
+#   make test    install into .venv and run the tests (CPU, no network beyond package indexes)
+#   make repro   install with the GPU extra and run the whole pipeline (`dvc repro`, CUDA + hub)
+# and a third to see the pipeline work on a CPU before renting a GPU:
+#   make smoke   the whole pipeline on a tiny local model and the shipped Korean sample
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: install install-gpu test repro smoke clean-smoke
+
+install: $(VENV)/.installed
+
+# torch first and on its own: on a machine without a GPU this picks the CPU build, where a
+# bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	touch $@
+
+install-gpu: install
+	$(PIP) -e '.[gpu,test]'
+
+test: install
+	$(PY) -m pytest
+
+repro: install-gpu
+	$(VENV)/bin/dvc repro
+
+smoke: install
+	$(PY) -m tools.smoke
+
+clean-smoke:
+	rm -rf smoke

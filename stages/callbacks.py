@@ -1,0 +1,89 @@
+"""Trainer callbacks of the train stage: readable log lines, DVCLive curves, throughput."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+log = logging.getLogger("stages.train")
+
+CURVES = {"loss": "train/loss", "eval_loss": "eval/loss", "learning_rate": "train/learning_rate",
+          "grad_norm": "train/grad_norm"}
+
+
+class ProgressBarOnly(ProgressCallback):
+    """transformers' progress bar without its dict dumps: LogLine says the same, readably."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def quiet_progress(trainer) -> None:
+    """Keep transformers' progress bar but drop its raw dict print-outs."""
+    trainer.remove_callback(PrinterCallback)
+    if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBarOnly)
+
+
+class LogLine(TrainerCallback):
+    """One line per logging step: step, loss, learning rate, gradient norm, tokens/s."""
+
+    def __init__(self):
+        self._last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        if "eval_loss" in logs:
+            log.info("step %d/%d  eval_loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+            return
+        if "loss" not in logs:
+            return
+        rate = ""
+        if self._last is not None and now > self._last[0]:
+            rate = f"  {(tokens - self._last[1]) / (now - self._last[0]):,.0f} tokens/s"
+        self._last = (now, tokens)
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f%s", state.global_step, state.max_steps,
+            logs["loss"], logs.get("learning_rate", 0.0), logs.get("grad_norm", float("nan")), rate,
+        )
+
+
+class LossCurves(TrainerCallback):
+    """Train and eval loss per optimizer step into DVCLive, for `dvc plots show/diff`."""
+
+    def __init__(self, live):
+        self.live = live
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.live.step = state.global_step  # x axis = optimizer step, for train and eval alike
+        for key, name in CURVES.items():
+            if key in logs:
+                self.live.log_metric(name, float(logs[key]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.live.end()
+
+
+class Throughput(TrainerCallback):
+    """Non-padding tokens and wall time of this session (a resumed run counts only its own part)."""
+
+    def __init__(self):
+        self.tokens_at_start = 0
+        self.started = None
+        self.seconds = 0.0
+        self.tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_start, self.started = state.num_input_tokens_seen, time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.started
+        self.tokens = state.num_input_tokens_seen - self.tokens_at_start

@@ -1,0 +1,38 @@
+"""Evaluate the base model: the baseline every fine-tuned run is compared with.
+
+    python -m stages.evaluate_base  (or: dvc repro evaluate_base)
+
+Scores `model.base_16bit` without any adapter exactly as stages/evaluate.py scores the merged
+model; writes metrics/eval_base.json and metrics/predictions_base.jsonl. It depends only on the
+prepared data and the model, prompt, seed and eval params, so experiments on lora.* or train.*
+reuse it instead of rerunning it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from stages import paths
+from stages.errors import stage_entrypoint
+from stages.evaluation import evaluate_model
+from stages.modeling import load_for_inference, load_tokenizer
+from stages.outputs import jsonl_text, write_json, write_text
+from stages.params import load_params
+
+log = logging.getLogger("stages.evaluate")
+
+
+@stage_entrypoint
+def main() -> None:
+    params = load_params()
+    base = params.model.base_16bit
+    tokenizer = load_tokenizer(base, what="model.base_16bit")
+    model = load_for_inference(base, what="model.base_16bit")
+    metrics, predictions = evaluate_model(model, tokenizer, params)
+    write_text(paths.BASE_PREDICTIONS, jsonl_text(predictions))
+    write_json(paths.EVAL_BASE_METRICS, metrics)
+    log.info("wrote %s and %s", paths.EVAL_BASE_METRICS, paths.BASE_PREDICTIONS)
+
+
+if __name__ == "__main__":
+    main()

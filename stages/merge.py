@@ -1,0 +1,92 @@
+"""Merge: fold the LoRA adapter into the 16-bit base model, for plain transformers inference.
+
+    python -m stages.merge          (or: dvc repro merge)
+
+Reads models/adapter/ and `model.base_16bit` (hub id or local folder; a local folder touches
+no network); writes models/merged/ (safetensors shards, config, generation config, tokenizer
+with its chat template). Runs on the CPU, without unsloth: the real 8B recipe needs about 16 GB
+of free memory and 16 GB of disk, checked before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from stages import paths
+from stages.errors import UserError, stage_entrypoint
+from stages.modeling import load_errors
+from stages.outputs import atomic_dir
+from stages.params import load_params
+
+log = logging.getLogger("stages.merge")
+
+GIB = 2**30
+HEADROOM = 1.15  # loading and merging need somewhat more than the weights themselves
+
+
+def weights_bytes(base: str, dtype) -> int:
+    """Size of the base model's weights in `dtype`, from its config alone (no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with load_errors("model.base_16bit", base):
+        config = AutoConfig.from_pretrained(base)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
+
+
+def check_resources(needed: int) -> None:
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if available < needed * HEADROOM:
+        raise UserError(
+            f"merge needs about {needed * HEADROOM / GIB:.1f} GiB of free memory for model.base_16bit, "
+            f"{available / GIB:.1f} GiB is available; close other programs or merge on a larger machine"
+        )
+    paths.MERGED_DIR.parent.mkdir(parents=True, exist_ok=True)
+    free_disk = shutil.disk_usage(paths.MERGED_DIR.parent).free
+    if free_disk < needed * HEADROOM:
+        raise UserError(
+            f"merge writes about {needed / GIB:.1f} GiB to {paths.MERGED_DIR}, only {free_disk / GIB:.1f} GiB "
+            "of disk is free there; free some space (e.g. `dvc gc -w`) and rerun"
+        )
+
+
+def merged_model(base: str, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with load_errors("model.base_16bit", base):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(model, str(paths.ADAPTER_DIR))
+    return model.merge_and_unload()
+
+
+@stage_entrypoint
+def main() -> None:
+    params = load_params()
+    if not (paths.ADAPTER_DIR / "adapter_config.json").exists():
+        raise UserError(f"{paths.ADAPTER_DIR} holds no adapter; run `dvc repro train` first")
+    import torch
+    from transformers import AutoTokenizer
+
+    base, dtype = params.model.base_16bit, getattr(torch, params.merge.dtype)
+    started = time.perf_counter()
+    needed = weights_bytes(base, dtype)
+    check_resources(needed)
+    log.info("merging %s into %s (%s, %.1f GiB)", paths.ADAPTER_DIR, base, params.merge.dtype, needed / GIB)
+    model = merged_model(base, dtype)
+    # The adapter folder holds the tokenizer used in training, chat template included.
+    tokenizer = AutoTokenizer.from_pretrained(paths.ADAPTER_DIR)
+    with atomic_dir(paths.MERGED_DIR) as out_dir:
+        model.save_pretrained(out_dir, max_shard_size="5GB")
+        tokenizer.save_pretrained(out_dir)
+    log.info("wrote %s in %.1fs", paths.MERGED_DIR, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

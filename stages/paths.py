@@ -1,0 +1,31 @@
+"""Every path the pipeline reads or writes, relative to the project root.
+
+dvc.yaml names the same paths; tests/test_dvc_yaml.py checks that the two agree.
+"""
+
+from pathlib import Path
+
+PARAMS_FILE = Path("params.yaml")
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "validation", "test")
+
+
+def split_file(split: str, prepared_dir: Path = PREPARED_DIR) -> Path:
+    return prepared_dir / f"{split}.jsonl"
+
+
+ADAPTER_DIR = Path("models/adapter")
+# Resumable trainer checkpoints: persisted across runs, never cached by DVC.
+CHECKPOINT_DIR = Path("models/checkpoints")
+MERGED_DIR = Path("models/merged")
+DVCLIVE_TRAIN_DIR = Path("dvclive/train")
+
+METRICS_DIR = Path("metrics")
+DATA_METRICS = METRICS_DIR / "data.json"
+TRAIN_METRICS = METRICS_DIR / "train.json"
+EVAL_METRICS = METRICS_DIR / "eval.json"
+EVAL_BASE_METRICS = METRICS_DIR / "eval_base.json"
+PREDICTIONS = METRICS_DIR / "predictions.jsonl"
+BASE_PREDICTIONS = METRICS_DIR / "predictions_base.jsonl"
+REPORT = METRICS_DIR / "report.md"

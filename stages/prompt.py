@@ -1,0 +1,79 @@
+"""The one place a QA row becomes a chat, a prompt string and token ids.
+
+prepare, train, evaluate and predict all go through these functions, so the model is asked
+at test time exactly what it was trained on (the reference notebook trained on "질문/답변" text
+and then tested on a bare question).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from stages.errors import UserError
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens)
+
+
+def user_turn(question: str, contexts: Sequence[str], include_contexts: bool) -> str:
+    """The user's message: the question, then the abstract paragraphs when asked for."""
+    if not include_contexts or not contexts:
+        return question
+    abstract = "\n\n".join(contexts)
+    return f"질문: {question}\n\n초록:\n{abstract}"
+
+
+def build_messages(
+    system: str,
+    question: str,
+    contexts: Sequence[str] = (),
+    include_contexts: bool = True,
+    answer: str | None = None,
+) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user_turn(question, contexts, include_contexts)})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat up to and including the assistant header the model continues from."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt_completion(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """Split a chat that ends with the answer into (prompt, completion) text.
+
+    The completion is what the chat template adds after the generation prompt: the answer and
+    the end-of-turn token. Splitting the rendered text (rather than rendering the answer alone)
+    keeps whatever the template puts around the answer.
+    """
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError(
+            "the tokenizer's chat template does not render the conversation as "
+            "prompt + answer; use a Llama-3-style chat model or fix its chat_template"
+        )
+    return prompt, full[len(prompt):]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The rendered chat already holds <|begin_of_text|>: adding special tokens would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_example(
+    tokenizer, prompt: str, completion: str, completion_only_loss: bool = True
+) -> dict[str, list[int]]:
+    """input_ids and labels for one row; prompt labels are IGNORE_INDEX when completion_only_loss.
+
+    Prompt and completion are encoded separately so the boundary never moves with BPE merges;
+    train (through TRL) and evaluate both score exactly these labels.
+    """
+    prompt_ids = encode(tokenizer, prompt)
+    completion_ids = encode(tokenizer, completion)
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if completion_only_loss else prompt_ids
+    return {"input_ids": prompt_ids + completion_ids, "labels": prompt_labels + completion_ids}

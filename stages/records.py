@@ -1,0 +1,194 @@
+"""Reading PubMedQA-format rows from the hub or a local file, cleaning them, splitting them.
+
+Pure functions on lists of dicts, used by stages/prepare.py and tested on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from stages.errors import UserError
+
+REQUIRED_COLUMNS = ("QUESTION", "CONTEXTS", "LONG_ANSWER")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+DROP_REASONS = (
+    "missing_question", "missing_answer", "short_question", "short_answer",
+    "duplicate_id", "duplicate_question", "too_long",
+)
+
+
+def is_local_source(source: str) -> bool:
+    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) or Path(source).exists()
+
+
+def read_records(source: str, split: str, revision: str | None) -> list[dict]:
+    """Rows of `source`: a local .json/.jsonl/.parquet/.csv file, or a hub dataset id."""
+    if is_local_source(source):
+        return _read_local(Path(source).expanduser())
+    return _read_hub(source, split, revision)
+
+
+def _read_local(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"data.source = {path}: no such file")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"data.source = {path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    try:
+        if path.suffix == ".json":
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):  # the original PubMedQA release: {pubid: record}
+                return [{"pubid": key, **value} for key, value in loaded.items()]
+            if isinstance(loaded, list):
+                return loaded
+            raise UserError(f"data.source = {path}: expected a list of records or a dict keyed by id")
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                return [json.loads(line) for line in handle if line.strip()]
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+        return [{k: _from_table(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # unreadable file or malformed JSON/CSV/parquet
+        raise UserError(f"data.source = {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _from_table(value):
+    """Undo what a CSV or parquet file does to list columns and missing values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_hub(source: str, split: str, revision: str | None) -> list[dict]:
+    import datasets
+
+    from stages.modeling import load_errors
+
+    with load_errors("data.source", source):
+        dataset = datasets.load_dataset(source, split=split, revision=revision)
+    return dataset.to_list()
+
+
+def content_hash(records: list[dict]) -> str:
+    """sha256 of the rows as canonical JSON: the same data gives the same hash from any source."""
+    canonical = json.dumps(records, ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def normalize_text(value) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def _contexts(value) -> list[str]:
+    paragraphs = [value] if isinstance(value, str) else list(value or [])
+    cleaned = (normalize_text(p) for p in paragraphs)
+    return [p for p in cleaned if p]
+
+
+def _row_id(record: dict, question: str, answer: str) -> str:
+    for key in ("pubid", "id", "ID"):
+        if record.get(key) not in (None, ""):
+            return str(record[key])
+    # No id column: a stable one from the content, the same on every machine.
+    return "h" + hashlib.sha256(f"{question}\n{answer}".encode("utf-8")).hexdigest()[:12]
+
+
+def clean_records(records: list[dict], min_chars: int) -> tuple[list[dict], Counter]:
+    """Normalise and filter rows; return the kept rows and the drop count per reason."""
+    if not records:
+        raise UserError("data.source holds no rows")
+    missing = [c for c in REQUIRED_COLUMNS if all(c not in r for r in records)]
+    if missing:
+        raise UserError(f"data.source has no column {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
+    dropped = Counter({reason: 0 for reason in DROP_REASONS})
+    kept, seen_ids, seen_questions = [], set(), set()
+    for record in records:
+        question = normalize_text(record.get("QUESTION"))
+        answer = normalize_text(record.get("LONG_ANSWER"))
+        reason = None
+        if not question:
+            reason = "missing_question"
+        elif not answer:
+            reason = "missing_answer"
+        elif len(question) < min_chars:
+            reason = "short_question"
+        elif len(answer) < min_chars:
+            reason = "short_answer"
+        else:
+            row_id = _row_id(record, question, answer)
+            if row_id in seen_ids:
+                reason = "duplicate_id"
+            elif question in seen_questions:
+                reason = "duplicate_question"
+        if reason:
+            dropped[reason] += 1
+            continue
+        seen_ids.add(row_id)
+        seen_questions.add(question)
+        row = {"id": row_id, "question": question, "contexts": _contexts(record.get("CONTEXTS")), "answer": answer}
+        if record.get("final_decision") is not None:
+            row["final_decision"] = normalize_text(str(record["final_decision"])).lower()
+        kept.append(row)
+    if not kept:
+        raise UserError(f"no rows left after cleaning (dropped: {dict(+dropped)}); check data.min_chars and the columns")
+    return kept, dropped
+
+
+def split_counts(n_rows: int, val_size: float, test_size: float) -> tuple[int, int, int]:
+    """(train, validation, test) row counts; a size < 1 is a fraction, >= 1 a count."""
+    def count(size):
+        return int(size) if size >= 1 else int(round(size * n_rows))
+
+    n_val, n_test = count(val_size), count(test_size)
+    n_train = n_rows - n_val - n_test
+    if min(n_train, n_val, n_test) < 1:
+        raise UserError(
+            f"data.val_size = {val_size} and data.test_size = {test_size} give train/validation/test = "
+            f"{n_train}/{n_val}/{n_test} of {n_rows} rows; every split needs at least one row"
+        )
+    return n_train, n_val, n_test
+
+
+def _rank(seed: int, row_id: str) -> str:
+    # A hash, not a PRNG: the order is the same on every machine, Python and library version.
+    return hashlib.sha256(f"{seed}:{row_id}".encode("utf-8")).hexdigest()
+
+
+def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int) -> dict[str, list[dict]]:
+    """Seeded train/validation/test split, stratified by final_decision when rows have it.
+
+    Each stratum is shuffled by hash; every row then gets the position (k + 0.5) / n_stratum, and
+    sorting all rows by it interleaves the strata evenly, so any prefix (test, then validation)
+    holds each answer class in proportion.
+    """
+    n_train, n_val, n_test = split_counts(len(rows), val_size, test_size)
+    strata = defaultdict(list)
+    for row in rows:
+        strata[row.get("final_decision", "")].append(row)
+    placed = []
+    for members in strata.values():
+        members.sort(key=lambda r: _rank(seed, r["id"]))
+        placed += [((k + 0.5) / len(members), _rank(seed, r["id"]), r) for k, r in enumerate(members)]
+    ordered = [row for _, _, row in sorted(placed, key=lambda item: item[:2])]
+    splits = {
+        "train": ordered[n_test + n_val:],
+        "validation": ordered[n_test:n_test + n_val],
+        "test": ordered[:n_test],
+    }
+    return {name: sorted(members, key=lambda r: r["id"]) for name, members in splits.items()}

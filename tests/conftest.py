@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny Llama-shaped model and a smoke workspace, built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data/sample/pubmedqa_ko_sample.json"
+
+# Tests never reach the Hugging Face Hub: everything they load is built locally.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def sample_records() -> list[dict]:
+    return json.loads(SAMPLE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tools.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from stages.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+def write_params(directory: Path, overrides: dict) -> None:
+    from tools.smoke import set_key
+
+    path = directory / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in overrides.items():
+        set_key(params, key, value)
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def smoke_template(tmp_path_factory) -> Path:
+    """A smoke workspace (git + DVC, tiny model, smoke params) to copy from, built once."""
+    from tools.smoke import make_workspace
+
+    return make_workspace(tmp_path_factory.mktemp("template") / "ws")
+
+
+@pytest.fixture
+def workspace(smoke_template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the smoke workspace, made the current directory."""
+    dest = tmp_path / "ws"
+    shutil.copytree(smoke_template, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(smoke_template, tmp_path_factory) -> Path:
+    """One in-process run of every stage in a workspace that tests then only read."""
+    dest = tmp_path_factory.mktemp("pipeline") / "ws"
+    shutil.copytree(smoke_template, dest, symlinks=True)
+    previous = os.getcwd()
+    os.chdir(dest)
+    try:
+        from stages import evaluate, evaluate_base, merge, prepare, train
+
+        for stage in (prepare, train, merge, evaluate_base, evaluate):
+            stage.main()
+    finally:
+        os.chdir(previous)
+    return dest

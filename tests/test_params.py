@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.errors import UserError
+from stages.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def test_shipped_params_are_the_reference_recipe():
+    params = load_params(ROOT / "params.yaml")
+    assert params.seed == 3407
+    assert params.data.source == "ChuGyouk/PubMedQA-test-Ko"
+    assert (params.data.val_size, params.data.test_size, params.data.split_seed) == (0.1, 0.1, 42)
+    assert params.model.name == "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+    assert params.model.base_16bit == "unsloth/Meta-Llama-3.1-8B-Instruct"
+    assert (params.model.max_seq_length, params.model.load_in_4bit) == (2048, True)
+    assert (params.lora.r, params.lora.alpha, params.lora.dropout, params.lora.bias) == (16, 16, 0.0, "none")
+    assert len(params.lora.target_modules) == 7
+    train = params.train
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (3, 4)
+    assert (train.learning_rate, train.warmup_steps, train.max_steps) == (2e-4, 5, 60)
+    assert (train.optim, train.lr_scheduler_type, train.eval_steps) == ("adamw_8bit", "linear", 10)
+    assert params.eval.rouge_tokenizer == "morpheme" and params.eval.max_new_tokens == 256
+
+
+def _set(raw, dotted, value):
+    *sections, key = dotted.split(".")
+    node = raw
+    for section in sections:
+        node = node[section]
+    node[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("lora.r", 0, "lora.r = 0"),
+        ("train.learning_rate", -1.0, "train.learning_rate = -1.0"),
+        ("train.learning_rate", "fast", "train.learning_rate = 'fast'"),
+        ("model.max_seq_length", 32, "model.max_seq_length = 32"),
+        ("model.backend", "vllm", "model.backend = 'vllm'"),
+        ("lora.target_modules", ["q_proj", "qkv"], "unknown module 'qkv'"),
+        ("data.val_size", 0.95, "val_size + test_size = 1.05"),
+        ("data.test_size", 2.5, "a row count must be a whole number"),
+        ("eval.rouge_tokenizer", "default", "eval.rouge_tokenizer = 'default'"),
+    ],
+)
+def test_bad_values_name_the_key_and_value(raw, key, value, expected):
+    with pytest.raises(UserError) as error:
+        parse_params(_set(raw, key, value))
+    assert expected in str(error.value)
+
+
+def test_unknown_keys_are_rejected(raw):
+    raw["lora"]["rank"] = 8
+    with pytest.raises(UserError, match=r"lora\.rank: unknown key"):
+        parse_params(raw)
+
+
+def test_missing_section_is_named(raw):
+    del raw["model"]
+    with pytest.raises(UserError, match=r"model: missing"):
+        parse_params(raw)
+
+
+def test_yaml_exponent_without_dot_still_parses_as_a_number(raw):
+    # PyYAML reads `2e-4` as a string; the params loader must still accept it as a float.
+    raw["train"]["learning_rate"] = "2e-4"
+    assert parse_params(raw).train.learning_rate == pytest.approx(2e-4)
+
+
+def test_params_are_frozen(raw):
+    params = parse_params(raw)
+    with pytest.raises(Exception):
+        params.lora.r = 8
+
+
+def test_a_stage_reports_bad_params_in_one_line_and_exits_non_zero(tmp_path, raw):
+    raw["lora"]["r"] = -4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == ["error: params.yaml: lora.r = -4: Input should be greater than 0"]
