@@ -73,17 +73,37 @@ class LossCurves(TrainerCallback):
 
 
 class Throughput(TrainerCallback):
-    """Non-padding tokens and wall time of this session (a resumed run counts only its own part)."""
+    """Non-padding tokens per second of this session (a resumed run counts only its own part).
+
+    `steady_tokens_per_s` leaves out the first WARMUP_STEPS optimizer steps, where kernels are
+    compiled and caches warmed, so runs of different lengths compare.
+    """
+
+    WARMUP_STEPS = 2
 
     def __init__(self):
-        self.tokens_at_start = 0
-        self.started = None
-        self.seconds = 0.0
-        self.tokens = 0
+        self.marks = []  # (seconds, tokens seen) at train begin and after every optimizer step
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.tokens_at_start, self.started = state.num_input_tokens_seen, time.perf_counter()
+        self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.started
-        self.tokens = state.num_input_tokens_seen - self.tokens_at_start
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    @staticmethod
+    def _rate(first, last) -> float:
+        seconds = last[0] - first[0]
+        return round((last[1] - first[1]) / seconds, 1) if seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        if len(self.marks) < 2:
+            return {"runtime_s": 0.0, "tokens_per_s": 0.0, "steady_tokens_per_s": 0.0}
+        steady_from = self.marks[min(self.WARMUP_STEPS, len(self.marks) - 2)]
+        return {
+            "runtime_s": round(self.marks[-1][0] - self.marks[0][0], 1),
+            "tokens_per_s": self._rate(self.marks[0], self.marks[-1]),
+            "steady_tokens_per_s": self._rate(steady_from, self.marks[-1]),
+        }

@@ -53,8 +53,9 @@ def report(metrics: dict, base_metrics: dict, records: list[dict], n_examples: i
         change = f"{tuned - base:+.4f}" if base is not None else ""
         base_text = f"{base:.4f}" if base is not None else "n/a"
         lines.append(f"| {split} {name} | {base_text} | {tuned:.4f} | {change} |")
-    ranked = sorted(records, key=lambda r: (-r["rougeL"], r["id"]))
-    for title, chosen in (("Best", ranked[:n_examples]), ("Worst", ranked[::-1][:n_examples])):
+    best = sorted(records, key=lambda r: (-r["rougeL"], r["id"]))[:n_examples]
+    worst = sorted(records, key=lambda r: (r["rougeL"], r["id"]))[:n_examples]
+    for title, chosen in (("Best", best), ("Worst", worst)):
         lines += ["", f"## {title} {len(chosen)} by fine-tuned ROUGE-L", ""]
         for record in chosen:
             base_rouge = record.get("base_rougeL")

@@ -50,9 +50,10 @@ def tokenized_split(split: str, tokenizer, completion_only_loss: bool, max_token
 
 def run_fingerprint(params) -> str:
     """What a checkpoint must match to be resumed: the training params and the prepared data."""
-    digest = hashlib.sha256()
-    for section in (params.seed, params.model, params.lora, params.train):
-        digest.update(repr(section).encode())
+    model = params.model
+    settings = (params.seed, model.name, model.max_seq_length, model.load_in_4bit, model.backend,
+                params.lora, params.train)
+    digest = hashlib.sha256(repr(settings).encode())
     for split in ("train", "validation"):
         digest.update(paths.split_file(split).read_bytes())
     return digest.hexdigest()
@@ -164,7 +165,7 @@ def main() -> None:
              len(train_set), len(eval_set), effective_batch, backend)
     result = trainer.train(resume_from_checkpoint=resume_from)
     state = trainer.state
-    if not state.log_history or "eval_loss" not in state.log_history[-1]:
+    if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
 
@@ -177,8 +178,7 @@ def main() -> None:
         "steps": state.global_step,
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
-        "runtime_s": round(throughput.seconds, 1),
-        "tokens_per_s": round(throughput.tokens / throughput.seconds, 1) if throughput.seconds else 0.0,
+        **throughput.summary(),
         "effective_batch_size": effective_batch,
         "peak_gpu_memory_gib": {
             "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,

@@ -1,0 +1,124 @@
+"""dvc.yaml agrees with the code: params each stage reads, modules it uses, paths it writes."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from stages import paths
+from stages.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+# Shared plumbing that never changes what a stage computes: no dvc.yaml dep needed.
+PLUMBING = {"errors", "params", "paths", "outputs", "__init__"}
+
+
+class ParamsRecorder:
+    """Stands in for Params and records the dotted path of every value a stage reads."""
+
+    def __init__(self, target, path, seen):
+        self._target, self._path, self._seen = target, path, seen
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        dotted = f"{self._path}.{name}" if self._path else name
+        if isinstance(value, BaseModel):
+            return ParamsRecorder(value, dotted, self._seen)
+        self._seen.add(dotted)
+        return value
+
+    def __repr__(self):  # a whole section was read (e.g. hashed for the resume fingerprint)
+        self._seen.add(self._path)
+        return repr(self._target)
+
+    def model_copy(self, **kwargs):
+        self._seen.add(self._path)
+        return self._target.model_copy(**kwargs)
+
+
+def _covered(key, declared):
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+@pytest.fixture(scope="module")
+def params_read(smoke_template, tmp_path_factory):
+    import os
+    import shutil
+
+    from stages import evaluate, evaluate_base, merge, prepare, train
+
+    dest = tmp_path_factory.mktemp("recorded") / "ws"
+    shutil.copytree(smoke_template, dest, symlinks=True)
+    previous, read = os.getcwd(), {}
+    os.chdir(dest)
+    try:
+        for module in (prepare, train, merge, evaluate_base, evaluate):
+            name = module.__name__.split(".")[-1]
+            read[name] = set()
+            original = module.load_params
+            module.load_params = lambda seen=read[name]: ParamsRecorder(load_params(), "", seen)
+            try:
+                module.main()
+            finally:
+                module.load_params = original
+    finally:
+        os.chdir(previous)
+    return read
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, stage):
+    declared = DVC[stage]["params"]
+    read = params_read[stage]
+    assert {key for key in read if not _covered(key, declared)} == set(), "read but not declared"
+    unread = [d for d in declared if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)]
+    assert unread == [], "declared but never read"
+
+
+def test_a_lora_change_reruns_train_merge_evaluate_but_not_prepare():
+    depends_on_lora = {name for name, stage in DVC.items() if _covered("lora.r", stage["params"])}
+    assert depends_on_lora == {"train"}
+    assert "models/adapter" in DVC["merge"]["deps"] and "models/merged" in DVC["evaluate"]["deps"]
+    assert not any(d.startswith("models/") for d in DVC["evaluate_base"]["deps"])
+
+
+def _stage_modules(module: str, seen=None) -> set[str]:
+    seen = set() if seen is None else seen
+    tree = ast.parse((ROOT / "stages" / f"{module}.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module == "stages":
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+            names = [node.module.split(".")[1]]
+        for name in names:
+            if name not in seen and (ROOT / "stages" / f"{name}.py").exists():
+                seen.add(name)
+                _stage_modules(name, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_every_module_a_stage_runs_is_a_dependency(stage):
+    assert DVC[stage]["cmd"] == f"python -m stages.{stage}"
+    needed = {f"stages/{m}.py" for m in _stage_modules(stage) | {stage} if m not in PLUMBING}
+    assert needed - set(DVC[stage]["deps"]) == set()
+
+
+def test_outputs_in_dvc_yaml_match_stages_paths():
+    def outs(stage, kind):
+        return {next(iter(o)) if isinstance(o, dict) else o for o in DVC[stage].get(kind, [])}
+
+    assert outs("prepare", "outs") == {str(paths.PREPARED_DIR)}
+    assert outs("prepare", "metrics") == {str(paths.DATA_METRICS)}
+    assert outs("train", "outs") == {str(paths.ADAPTER_DIR), str(paths.CHECKPOINT_DIR)}
+    assert outs("train", "metrics") == {str(paths.TRAIN_METRICS)}
+    assert outs("train", "plots") == {str(paths.DVCLIVE_TRAIN_DIR / "plots/metrics")}
+    assert outs("merge", "outs") == {str(paths.MERGED_DIR)}
+    assert outs("evaluate_base", "metrics") | outs("evaluate_base", "outs") == {
+        str(paths.EVAL_BASE_METRICS), str(paths.BASE_PREDICTIONS)}
+    assert outs("evaluate", "metrics") | outs("evaluate", "outs") == {
+        str(paths.EVAL_METRICS), str(paths.PREDICTIONS), str(paths.REPORT)}

@@ -1,0 +1,137 @@
+"""The train stage on the tiny model: learning, masking, guards, resume, backend choice."""
+
+import csv
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_params
+from stages import modeling, paths, prepare, train
+from stages.errors import UserError
+from stages.params import load_params
+from stages.prompt import IGNORE_INDEX, encode
+
+
+def _loss_curve(name="train/loss"):
+    with open(paths.DVCLIVE_TRAIN_DIR / "plots/metrics" / f"{name}.tsv", encoding="utf-8") as handle:
+        return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, monkeypatch):
+    monkeypatch.chdir(pipeline_run)
+    curve = _loss_curve()
+    assert [step for step, _ in curve] == list(range(1, 25))
+    mean = lambda points: sum(loss for _, loss in points) / len(points)  # noqa: E731
+    assert mean(curve[-4:]) < mean(curve[:4]) - 0.05, curve
+    eval_curve = _loss_curve("eval/loss")
+    assert [step for step, _ in eval_curve] == [8, 16, 24]
+    base = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
+    assert eval_curve[-1][1] < base["validation"]["loss"] - 0.05  # better than the untrained base
+    metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))
+    assert metrics["steps"] == 24 and metrics["backend"] == "transformers"
+    assert metrics["effective_batch_size"] == 4
+    assert metrics["eval_loss"]["last"] == _loss_curve("eval/loss")[-1][1]
+    assert metrics["eval_loss"]["best"] == min(loss for _, loss in _loss_curve("eval/loss"))
+    assert metrics["tokens_seen"] > 24 * 4 * 100 and metrics["tokens_per_s"] > 0
+    assert set(metrics["versions"]) >= {"torch", "transformers", "trl", "peft"}
+    adapter_config = json.loads((paths.ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16 and set(adapter_config["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (paths.ADAPTER_DIR / "tokenizer.json").exists() and (paths.ADAPTER_DIR / "chat_template.jinja").exists()
+
+
+def test_unsloth_is_never_imported_on_cpu(pipeline_run):
+    assert "unsloth" not in sys.modules
+    assert modeling.choose_backend("auto") == "transformers"
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        modeling.choose_backend("unsloth")
+
+
+def test_4bit_on_a_cpu_says_a_gpu_is_needed(workspace):
+    write_params(workspace, {"model.load_in_4bit": True})
+    with pytest.raises(UserError, match="needs a CUDA GPU.*make smoke"):
+        modeling.check_can_load(load_params().model)
+
+
+def test_prompt_tokens_are_masked_in_real_training_batches(workspace, tiny_tokenizer):
+    from trl import SFTTrainer
+
+    prepare.main()
+    params = load_params()
+    model, tokenizer, _ = modeling.load_for_training(params.model, params.lora, False, params.seed)
+    dataset = train.tokenized_split("train", tokenizer, True, params.model.max_seq_length)
+    trainer = SFTTrainer(model=model, args=train.sft_config(params.train, params.seed, 512, False),
+                         train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = {len(encode(tokenizer, r["prompt"])): r for r in map(json.loads, paths.split_file("train").open())}
+    for input_ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n_real = int(mask.sum())
+        answer = labels[:n_real] != IGNORE_INDEX
+        n_prompt = int((~answer).sum())
+        assert n_prompt in rows, "the masked span is exactly one row's prompt"
+        assert not answer[:n_prompt].any() and answer[n_prompt:].all()
+        assert torch.equal(labels[:n_real][answer], input_ids[:n_real][answer])
+        assert (labels[n_real:] == IGNORE_INDEX).all()  # padding never counts
+
+
+def test_all_masked_data_stops_with_a_clear_message(workspace, capsys):
+    prepare.main()
+    # params changed after prepare: at 64 tokens every answer is cut off behind its prompt
+    write_params(workspace, {"model.max_seq_length": 64})
+    with pytest.raises(SystemExit):
+        train.main()
+    assert "every answer token of data/prepared/train.jsonl is masked" in capsys.readouterr().err
+    assert not paths.ADAPTER_DIR.exists()
+
+
+def _adapter_weights():
+    return load_file(paths.ADAPTER_DIR / "adapter_model.safetensors")
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(workspace, monkeypatch, caplog):
+    from trl import SFTTrainer
+
+    write_params(workspace, {"train.max_steps": 6, "train.save_steps": 2, "train.eval_steps": 3})
+    prepare.main()
+    train.main()
+    uninterrupted = _adapter_weights()
+
+    shutil.rmtree(paths.ADAPTER_DIR)
+    shutil.rmtree(paths.CHECKPOINT_DIR)
+    original_step = SFTTrainer.training_step
+
+    def crash_in_step_five(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", crash_in_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train.main()
+    assert not paths.ADAPTER_DIR.exists()
+    assert sorted(p.name for p in paths.CHECKPOINT_DIR.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    monkeypatch.setattr(SFTTrainer, "training_step", original_step)
+    with caplog.at_level("INFO", logger="stages.train"):
+        train.main()
+    assert "resuming from models/checkpoints/checkpoint-4" in caplog.text
+    resumed = _adapter_weights()
+    assert resumed.keys() == uninterrupted.keys()
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_changed_params_start_fresh(workspace, caplog):
+    write_params(workspace, {"train.max_steps": 2, "train.save_steps": 2})
+    prepare.main()
+    train.main()
+    assert (paths.CHECKPOINT_DIR / "checkpoint-2").exists()
+    write_params(workspace, {"lora.r": 8})
+    with caplog.at_level("INFO", logger="stages.train"):
+        train.main()
+    assert "resuming" not in caplog.text
+    assert json.loads((paths.ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 8

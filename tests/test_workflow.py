@@ -1,0 +1,84 @@
+"""The DVC workflow end to end, on the tiny model: repro, status, experiments, diffs."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+STAGES = ["prepare", "train", "merge", "evaluate_base", "evaluate"]
+
+
+def dvc(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([a-z_]+)'", output)
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def repo(smoke_template, tmp_path_factory):
+    import shutil
+
+    dest = tmp_path_factory.mktemp("dvc") / "ws"
+    shutil.copytree(smoke_template, dest, symlinks=True)
+    output = dvc("repro", cwd=dest)
+    assert ran(output) == STAGES
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "baseline run", cwd=dest)
+    return dest
+
+
+def test_repro_writes_every_output_and_a_second_repro_does_nothing(repo):
+    for path in ["data/prepared/train.jsonl", "metrics/data.json", "models/adapter/adapter_config.json",
+                 "metrics/train.json", "dvclive/train/plots/metrics/train/loss.tsv", "models/merged/config.json",
+                 "metrics/eval_base.json", "metrics/eval.json", "metrics/predictions.jsonl", "metrics/report.md"]:
+        assert (repo / path).exists(), path
+    output = dvc("repro", cwd=repo)
+    assert ran(output) == []
+    assert "didn't change" in output or "up to date" in output
+    assert json.loads(dvc("status", "--json", cwd=repo)) == {}
+
+
+def test_a_lora_change_marks_train_and_downstream_not_prepare(repo):
+    params = (repo / "params.yaml").read_text(encoding="utf-8")
+    try:
+        (repo / "params.yaml").write_text(params.replace("  r: 16\n", "  r: 8\n"), encoding="utf-8")
+        changed = set(json.loads(dvc("status", "--json", cwd=repo)))
+        assert changed == {"train"}  # merge and evaluate follow from train's new outputs
+        assert "prepare" not in changed and "evaluate_base" not in changed
+    finally:
+        (repo / "params.yaml").write_text(params, encoding="utf-8")
+
+
+def test_an_experiment_reruns_only_what_depends_on_the_change(repo, tmp_path):
+    output = dvc("exp", "run", "-S", "lora.r=8", cwd=repo)
+    assert ran(output) == ["train", "merge", "evaluate"]
+
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    assert experiments, shown
+    params_r = {json.dumps(exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["lora"]["r"])
+                for exp in experiments}
+    assert params_r == {"8"}
+    assert "eval.json" in json.dumps(experiments[0]["revs"][0]["data"]["metrics"])
+
+    # The experiment's results are in the workspace: diff them against the baseline commit.
+    params_diff = json.loads(dvc("params", "diff", "--json", cwd=repo))
+    assert params_diff["params.yaml"]["lora.r"]["old"] == 16 and params_diff["params.yaml"]["lora.r"]["new"] == 8
+    metrics_diff = json.loads(dvc("metrics", "diff", "--json", cwd=repo))
+    assert "test.loss" in metrics_diff["metrics/eval.json"]
+    assert "metrics/eval_base.json" not in metrics_diff  # the baseline was not rerun
+
+    out_dir = tmp_path / "plots"
+    dvc("plots", "diff", "HEAD", "-o", str(out_dir), cwd=repo)
+    page = (out_dir / "index.html").read_text(encoding="utf-8")
+    assert "HEAD" in page and "workspace" in page and "loss" in page
