@@ -14,6 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
+from tools.smoke import ROOT
 from tools.tiny_model import DEFAULT_DATA, build_tokenizer, corpus_from
 
 LLAMA_31_8B = {
@@ -37,7 +38,7 @@ def build(out_dir: Path, layers: int = 32, device: str = "cuda") -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(corpus_from(DEFAULT_DATA))
+    tokenizer = build_tokenizer(corpus_from(ROOT / DEFAULT_DATA))
     eot, end = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
     config = LlamaConfig(**{**LLAMA_31_8B, "num_hidden_layers": layers}, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=[eot, end], pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
