@@ -7,6 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# dvc.yaml runs `python -m stages.<name>`: that `python` must be the one in the venv.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
 .PHONY: install install-gpu test repro smoke clean-smoke

@@ -30,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 from itertools import cycle
 from pathlib import Path
 
+from benchmarks.run_stages import parse_value
 from tools.smoke import ROOT
 
 log = logging.getLogger("benchmarks.bench")
@@ -242,6 +243,8 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-work")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="params for the timed training runs, e.g. train.per_device_train_batch_size=6")
     parser.add_argument("--tiny", action="store_true", help="build a tiny test model instead (CPU testing only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -279,7 +282,9 @@ def main() -> None:
               "model.load_in_4bit": on_cuda, "eval.rouge_tokenizer": "char"}  # no Kiwi model on the GPU host
     no_eval_or_save = max(1000, args.train_steps + 1)  # neither runs inside the timed loop
     short = {**common, "model.max_seq_length": 2048, "train.max_steps": args.train_steps,
-             "train.eval_steps": no_eval_or_save, "train.save_steps": no_eval_or_save, "eval.max_new_tokens": 256}
+             "train.eval_steps": no_eval_or_save, "train.save_steps": no_eval_or_save, "eval.max_new_tokens": 256,
+             **{key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}}
+    results["train_overrides"] = args.set
     results["train"] = {}
     for backend in [] if args.skip_train else args.backends:
         log.info("training with %s for %d steps", backend, args.train_steps)

@@ -100,6 +100,8 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 top_k=None,
+                # A static KV cache lets generate() compile the decoding step on a GPU.
+                cache_implementation="static" if eval_params.cache == "static" else None,
                 **sampling,
             )
             for i, generated in zip(batch, output[:, width:].tolist()):

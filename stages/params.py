@@ -107,6 +107,7 @@ class EvalParams(_Section):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     do_sample: bool = False
+    cache: Literal["dynamic", "static"] = "dynamic"
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     rouge_tokenizer: Literal["morpheme", "whitespace", "char"] = "morpheme"

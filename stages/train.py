@@ -113,6 +113,16 @@ def sft_config(train, seed: int, max_length: int, on_cuda: bool):
     )
 
 
+def out_of_memory_advice(train, max_seq_length: int) -> str:
+    smaller = max(1, train.per_device_train_batch_size // 2)
+    return (
+        f"out of GPU memory at train.per_device_train_batch_size = {train.per_device_train_batch_size} and "
+        f"model.max_seq_length = {max_seq_length}: try -S train.per_device_train_batch_size={smaller} "
+        f"-S train.gradient_accumulation_steps={train.gradient_accumulation_steps * 2} (the same effective "
+        "batch), or a lower model.max_seq_length; rerunning with the same params resumes from the last checkpoint"
+    )
+
+
 def library_versions() -> dict[str, str]:
     found = {}
     for name in LIBRARIES:
@@ -163,7 +173,10 @@ def main() -> None:
     effective_batch = train.per_device_train_batch_size * train.gradient_accumulation_steps
     log.info("training %d rows (validation %d), effective batch %d, backend %s",
              len(train_set), len(eval_set), effective_batch, backend)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(train, params.model.max_seq_length)) from None
     state = trainer.state
     if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too

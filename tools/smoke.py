@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,11 @@ def set_key(params: dict, dotted: str, value) -> None:
     params[key] = value
 
 
+def dvc_environment() -> dict:
+    """This process's environment with its interpreter first on PATH, for dvc.yaml's `python -m ...`."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, check=True, text=True, capture_output=True)
 
@@ -93,7 +99,7 @@ def main() -> None:
     started = time.perf_counter()
     workspace = make_workspace(args.dir)
     print(f"smoke workspace: {workspace} (tiny model, {len(SMOKE_PARAMS)} params overridden)", flush=True)
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workspace)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workspace, env=dvc_environment())
     if result.returncode != 0:
         raise SystemExit(f"smoke run failed: see the output above (workspace kept in {workspace})")
     metrics = json.loads((workspace / "metrics/eval.json").read_text(encoding="utf-8"))
