@@ -97,6 +97,7 @@ class TrainParams(_Section):
     per_device_eval_batch_size: int = Field(8, gt=0)
     completion_only_loss: bool = True
     gradient_checkpointing: bool = True
+    num_processes: int = Field(1, ge=1, le=64)
 
 
 class MergeParams(_Section):

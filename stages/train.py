@@ -15,9 +15,9 @@ import logging
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 
-from stages import paths
+from stages import launch, paths
 from stages.errors import UserError, stage_entrypoint
-from stages.modeling import cuda_available, load_for_training
+from stages.modeling import choose_backend, cuda_available, load_for_training
 from stages.outputs import atomic_dir, read_jsonl, write_json
 from stages.params import load_params
 from stages.prompt import IGNORE_INDEX, tokenize_example
@@ -110,6 +110,8 @@ def sft_config(train, seed: int, max_length: int, on_cuda: bool):
         completion_only_loss=train.completion_only_loss,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
+        use_cpu=not on_cuda,  # also what makes accelerate run several CPU processes as DDP (gloo)
+        ddp_find_unused_parameters=False,  # LoRA leaves the frozen base's parameters without gradients
     )
 
 
@@ -141,8 +143,13 @@ def main() -> None:
         if not paths.split_file(split).exists():
             raise UserError(f"{paths.split_file(split)} is missing; run `dvc repro prepare` first")
     on_cuda = cuda_available()
+    if launch.needs_launch(train.num_processes):
+        launch.check_devices(train.num_processes, on_cuda)
+        choose_backend(params.model.backend, train.num_processes)  # fail here, not in N processes
+        raise SystemExit(launch.launch(train.num_processes))
+    launch.bind_device(on_cuda)
     model, tokenizer, backend = load_for_training(
-        params.model, params.lora, train.gradient_checkpointing, params.seed
+        params.model, params.lora, train.gradient_checkpointing, params.seed, train.num_processes
     )
     # Only now, after unsloth (when used) has patched them, import trl and transformers' pieces.
     import torch
@@ -154,25 +161,28 @@ def main() -> None:
     max_length = params.model.max_seq_length
     train_set = tokenized_split("train", tokenizer, train.completion_only_loss, max_length)
     eval_set = tokenized_split("validation", tokenizer, train.completion_only_loss, max_length)
-    resume_from = checkpoint_to_resume(run_fingerprint(params))
+    from accelerate import PartialState
+
+    with PartialState(cpu=not on_cuda).main_process_first():  # the main process clears or keeps checkpoints first
+        resume_from = checkpoint_to_resume(run_fingerprint(params))
+    main_process = launch.is_main_process()
     throughput = Throughput()
+    curves = [LossCurves(Live(str(paths.DVCLIVE_TRAIN_DIR), resume=resume_from is not None,
+                              save_dvc_exp=False, dvcyaml=None))] if main_process else []
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, params.seed, max_length, on_cuda),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[
-            LogLine(),
-            throughput,
-            LossCurves(Live(str(paths.DVCLIVE_TRAIN_DIR), resume=resume_from is not None,
-                            save_dvc_exp=False, dvcyaml=None)),
-        ],
+        callbacks=[LogLine(), throughput, *curves],
     )
     quiet_progress(trainer)
-    effective_batch = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    log.info("training %d rows (validation %d), effective batch %d, backend %s",
-             len(train_set), len(eval_set), effective_batch, backend)
+    processes = launch.world_size()
+    effective_batch = train.per_device_train_batch_size * train.gradient_accumulation_steps * processes
+    log.info("training %d rows (validation %d), effective batch %d = %d per device x %d accumulation x %d "
+             "processes, backend %s", len(train_set), len(eval_set), effective_batch,
+             train.per_device_train_batch_size, train.gradient_accumulation_steps, processes, backend)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
@@ -181,6 +191,8 @@ def main() -> None:
     if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    if not main_process:
+        return  # one process writes the adapter and the metrics
 
     with atomic_dir(paths.ADAPTER_DIR) as adapter_dir:
         trainer.model.save_pretrained(adapter_dir)
@@ -193,6 +205,7 @@ def main() -> None:
         "tokens_seen": state.num_input_tokens_seen,
         **throughput.summary(),
         "effective_batch_size": effective_batch,
+        "num_processes": processes,
         "peak_gpu_memory_gib": {
             "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,
             "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else 0.0,
