@@ -42,6 +42,16 @@ def check_devices(num_processes: int, on_cuda: bool) -> None:
             )
 
 
+def use_one_gpu(num_processes: int) -> None:
+    """One process on a multi-GPU host trains on the first GPU only.
+
+    Left alone, transformers' Trainer would wrap the model in DataParallel over every visible GPU
+    and silently multiply the batch by their number. Must run before CUDA is initialised.
+    """
+    if num_processes == 1 and "LOCAL_RANK" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+
+
 def launch(num_processes: int, module: str = "stages.train") -> int:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
@@ -57,3 +67,15 @@ def bind_device(on_cuda: bool) -> None:
         import torch
 
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def finish() -> None:
+    """Let every process reach the end before any exits, then close the process group cleanly.
+
+    A rank that exits while another still writes its outputs tears down gloo/NCCL under it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -10,12 +10,11 @@ train with the same params and data continues from the last one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 from importlib.metadata import PackageNotFoundError, version
 
 from stages import launch, paths
+from stages.checkpoints import checkpoint_to_resume, run_fingerprint
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import choose_backend, cuda_available, load_for_training
 from stages.outputs import atomic_dir, read_jsonl, write_json
@@ -46,33 +45,6 @@ def tokenized_split(split: str, tokenizer, completion_only_loss: bool, max_token
             "there is nothing to learn; rerun prepare with this max_seq_length or raise it"
         )
     return Dataset.from_list(rows)
-
-
-def run_fingerprint(params) -> str:
-    """What a checkpoint must match to be resumed: the training params and the prepared data."""
-    model = params.model
-    settings = (params.seed, model.name, model.max_seq_length, model.load_in_4bit, model.backend,
-                params.lora, params.train)
-    digest = hashlib.sha256(repr(settings).encode())
-    for split in ("train", "validation"):
-        digest.update(paths.split_file(split).read_bytes())
-    return digest.hexdigest()
-
-
-def checkpoint_to_resume(fingerprint: str) -> str | None:
-    """The last checkpoint of an interrupted run with the same fingerprint; else start clean."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    stamp = paths.CHECKPOINT_DIR / "fingerprint.txt"
-    if stamp.exists() and stamp.read_text() == fingerprint:
-        last = get_last_checkpoint(str(paths.CHECKPOINT_DIR))
-        if last:
-            log.info("resuming from %s (same params and data)", last)
-            return last
-    shutil.rmtree(paths.CHECKPOINT_DIR, ignore_errors=True)
-    paths.CHECKPOINT_DIR.mkdir(parents=True)
-    stamp.write_text(fingerprint)
-    return None
 
 
 def sft_config(train, seed: int, max_length: int, on_cuda: bool):
@@ -135,6 +107,15 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def write_outputs(trainer, tokenizer, metrics: dict) -> None:
+    with atomic_dir(paths.ADAPTER_DIR) as adapter_dir:
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+    write_json(paths.TRAIN_METRICS, metrics)
+    log.info("wrote %s and %s: train_loss %.4f, eval_loss %.4f, %s tokens/s", paths.ADAPTER_DIR,
+             paths.TRAIN_METRICS, metrics["train_loss"], metrics["eval_loss"]["last"], metrics["tokens_per_s"])
+
+
 @stage_entrypoint
 def main() -> None:
     params = load_params()
@@ -142,6 +123,7 @@ def main() -> None:
     for split in ("train", "validation"):
         if not paths.split_file(split).exists():
             raise UserError(f"{paths.split_file(split)} is missing; run `dvc repro prepare` first")
+    launch.use_one_gpu(train.num_processes)
     on_cuda = cuda_available()
     if launch.needs_launch(train.num_processes):
         launch.check_devices(train.num_processes, on_cuda)
@@ -191,31 +173,24 @@ def main() -> None:
     if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
-    if not main_process:
-        return  # one process writes the adapter and the metrics
-
-    with atomic_dir(paths.ADAPTER_DIR) as adapter_dir:
-        trainer.model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-    metrics = {
-        "train_loss": result.training_loss,
-        "eval_loss": {"best": min(eval_losses), "last": eval_losses[-1]},
-        "steps": state.global_step,
-        "epochs": state.epoch,
-        "tokens_seen": state.num_input_tokens_seen,
-        **throughput.summary(),
-        "effective_batch_size": effective_batch,
-        "num_processes": processes,
-        "peak_gpu_memory_gib": {
-            "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,
-            "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else 0.0,
-        },
-        "backend": backend,
-        "versions": library_versions(),
-    }
-    write_json(paths.TRAIN_METRICS, metrics)
-    log.info("wrote %s and %s: train_loss %.4f, eval_loss %.4f, %s tokens/s", paths.ADAPTER_DIR,
-             paths.TRAIN_METRICS, metrics["train_loss"], metrics["eval_loss"]["last"], metrics["tokens_per_s"])
+    if main_process:  # one process writes the adapter and the metrics
+        write_outputs(trainer, tokenizer, {
+            "train_loss": result.training_loss,
+            "eval_loss": {"best": min(eval_losses), "last": eval_losses[-1]},
+            "steps": state.global_step,
+            "epochs": state.epoch,
+            "tokens_seen": state.num_input_tokens_seen,
+            **throughput.summary(),
+            "effective_batch_size": effective_batch,
+            "num_processes": processes,
+            "peak_gpu_memory_gib": {
+                "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,
+                "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else 0.0,
+            },
+            "backend": backend,
+            "versions": library_versions(),
+        })
+    launch.finish()
 
 
 if __name__ == "__main__":

@@ -53,3 +53,21 @@ def test_unsloth_refuses_several_processes_in_one_line():
         assert "trains on one GPU only" in str(error) and "model.backend=transformers" in str(error)
     else:
         raise AssertionError("unsloth with 2 processes must be refused")
+
+
+def test_one_process_is_pinned_to_one_gpu(monkeypatch):
+    import os
+
+    from stages import launch
+
+    # Otherwise transformers' Trainer would run DataParallel over every GPU and grow the batch.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    launch.use_one_gpu(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    launch.use_one_gpu(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # the user's choice stands
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    launch.use_one_gpu(2)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
