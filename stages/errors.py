@@ -21,6 +21,9 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # bitsandbytes warns on import about its CPU 4-bit kernels, which this pipeline never uses
+    # (4-bit needs CUDA here): noise in every CPU log.
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
 
 
 def stage_entrypoint(main: Callable[..., None]) -> Callable[..., None]:
