@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from itertools import cycle
 from pathlib import Path
 
@@ -37,7 +36,6 @@ log = logging.getLogger("benchmarks.bench")
 
 SAMPLE = ROOT / "data/sample/pubmedqa_ko_sample.json"
 SAMPLE_ROWS = 48
-LIBRARIES = ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes")
 # Row lengths in tokens (prompt + answer): PubMedQA-Ko rows mostly run 1.3-1.6k, a few are short.
 TOKENS_LOW, TOKENS_MODE, TOKENS_HIGH = 300, 1300, 1600
 
@@ -45,15 +43,11 @@ TOKENS_LOW, TOKENS_MODE, TOKENS_HIGH = 300, 1300, 1600
 def environment(device: str) -> dict:
     import torch
 
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
+    from stages.train import library_versions  # the versions metrics/train.json records
+
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "versions": versions,
+        "versions": library_versions(),
         "date": datetime.now(timezone.utc).date().isoformat(),
         "command": shlex.join(["python", "-m", "benchmarks.bench", *sys.argv[1:]]),
     }

@@ -30,9 +30,8 @@ def parse_value(text: str):
 
 def prepare_workspace(workspace: Path, overrides: dict) -> None:
     workspace.mkdir(parents=True, exist_ok=True)
-    for name in ("data/sample",):
-        if not (workspace / name).exists():
-            shutil.copytree(ROOT / name, workspace / name)
+    if not (workspace / "data/sample").exists():
+        shutil.copytree(ROOT / "data/sample", workspace / "data/sample")
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for key, value in overrides.items():
         set_key(params, key, value)

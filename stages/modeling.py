@@ -171,7 +171,7 @@ def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
 def _load_transformers(model_params, lora_params, gradient_checkpointing, seed):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
     set_seed(seed)
     dtype = compute_dtype()
@@ -185,8 +185,8 @@ def _load_transformers(model_params, lora_params, gradient_checkpointing, seed):
         )
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    tokenizer = load_tokenizer(model_params.name)
     with load_errors("model.name", model_params.name):
-        tokenizer = AutoTokenizer.from_pretrained(model_params.name)
         model = AutoModelForCausalLM.from_pretrained(model_params.name, **kwargs)
     if model_params.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)

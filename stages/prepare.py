@@ -90,13 +90,14 @@ def main() -> None:
     with atomic_dir(paths.PREPARED_DIR) as out_dir:
         for name, members in splits.items():
             paths.split_file(name, out_dir).write_text(jsonl_text(members), encoding="utf-8")
+    stats = {name: token_stats(members) for name, members in splits.items()}
     metrics = {
         "source_sha256": content_hash(records),
         "rows": {"read": len(records), "kept": len(prepared), **{n: len(m) for n, m in splits.items()}},
         "dropped": dict(dropped),
         "truncated": {n: sum(r["truncated"] for r in m) for n, m in splits.items()},
         **{
-            f"tokens_{stat}": {n: token_stats(m)[stat] for n, m in splits.items()}
+            f"tokens_{stat}": {name: stats[name][stat] for name in splits}
             for stat in ("p50", "p95", "max")
         },
     }

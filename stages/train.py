@@ -30,9 +30,7 @@ def tokenized_split(split: str, tokenizer, completion_only_loss: bool, max_token
     """A datasets.Dataset of input_ids and labels; rows with no answer token left are dropped."""
     from datasets import Dataset
 
-    path = paths.split_file(split)
-    if not path.exists():
-        raise UserError(f"{path} is missing; run `dvc repro prepare` first")
+    path = paths.split_file(split)  # main() has checked it exists, before loading the model
     rows = []
     for row in read_jsonl(path):
         example = tokenize_example(tokenizer, row["prompt"], row["completion"], completion_only_loss)

@@ -7,6 +7,7 @@ import yaml
 
 from stages.errors import UserError
 from stages.params import load_params, parse_params
+from tools.smoke import set_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +35,6 @@ def test_shipped_params_are_the_reference_recipe():
     assert params.eval.rouge_tokenizer == "morpheme" and params.eval.max_new_tokens == 256
 
 
-def _set(raw, dotted, value):
-    *sections, key = dotted.split(".")
-    node = raw
-    for section in sections:
-        node = node[section]
-    node[key] = value
-    return raw
-
-
 @pytest.mark.parametrize(
     "key, value, expected",
     [
@@ -59,7 +51,8 @@ def _set(raw, dotted, value):
 )
 def test_bad_values_name_the_key_and_value(raw, key, value, expected):
     with pytest.raises(UserError) as error:
-        parse_params(_set(raw, key, value))
+        set_key(raw, key, value)
+        parse_params(raw)
     assert expected in str(error.value)
 
 
