@@ -18,7 +18,8 @@ def _train() -> dict:
     result = subprocess.run([sys.executable, "-m", "stages.train"], capture_output=True, text=True,
                             env=dvc_environment())
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))
+    return {"train_loss": json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))["train"]["loss"],
+            **json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))}
 
 
 def test_two_processes_train_the_same_adapter_as_one(workspace):
