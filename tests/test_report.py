@@ -168,3 +168,18 @@ def test_params_are_compared_as_dvc_reads_them_so_its_unquoted_yes_stays_a_word(
         "eval": {"decision_options": {"yes": "예", "no": "아니요"}, "do_sample": False}}
     assert changed_params(read_yaml12(rewritten_by_dvc), read_yaml12(quoted)) == []
     assert True in yaml.safe_load(rewritten_by_dvc)["eval"]["decision_options"]  # what YAML 1.1 would see
+
+
+def test_a_dataset_without_decision_labels_gets_a_report_without_decisions():
+    records = [dict(r, decision=None, base_decision=None, reference_decision=None, option_logprobs=None,
+                    base_option_logprobs=None) for r in RECORDS]
+    quality = {"test": {k: v for k, v in QUALITY["test"].items() if k not in ("accuracy", "macro_f1")},
+               "validation": QUALITY["validation"]}
+    no_labels = info(5)
+    no_labels["decision"] = {"n": 0, "options": no_labels["decision"]["options"],
+                             "skipped": {"missing": 5, "not_an_option": 0}}
+    deltas = {k: v for k, v in DELTAS.items() if k != "accuracy"}
+    text = report(quality, quality, deltas, records, no_labels, IDENTITY, 2, 1000)
+    assert "decision accuracy" not in text and "\n## Decisions\n" not in text
+    assert "0 questions scored, skipped: 5 missing final_decision" in text
+    assert "(0)\n\nNone." in text.split("### Decisions fixed")[1]
