@@ -70,7 +70,7 @@ def test_questions_that_cannot_fit_are_dropped_and_counted(workspace):
     [
         ({"data.source": "data/nope.json"}, "data.source = data/nope.json: no such file"),
         ({"data.val_size": 30, "data.test_size": 19}, "every split needs at least one row"),
-        ({"model.name": "./models/missing-model"}, "model.name = ./models/missing-model: no such folder"),
+        ({"model.name": "./models/missing-model"}, "model.name = ./models/missing-model: no such file or folder"),
     ],
 )
 def test_bad_input_leaves_previous_outputs_intact(workspace, capsys, overrides, message):
