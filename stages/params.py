@@ -97,7 +97,8 @@ class TrainParams(_Section):
     per_device_eval_batch_size: int = Field(8, gt=0)
     completion_only_loss: bool = True
     gradient_checkpointing: bool = True
-    num_processes: int = Field(1, ge=1, le=64)
+    num_processes: int = Field(1, ge=1, le=4096)
+    accelerate_config: Optional[str] = Field(None, min_length=1)
 
 
 class MergeParams(_Section):
