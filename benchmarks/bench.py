@@ -43,7 +43,7 @@ TOKENS_LOW, TOKENS_MODE, TOKENS_HIGH = 300, 1300, 1600
 def environment(device: str) -> dict:
     import torch
 
-    from stages.train import library_versions  # the versions metrics/train.json records
+    from stages.checkpoints import library_versions  # the versions metrics/info/train.json records
 
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -168,7 +168,7 @@ def read_metrics(workspace: Path, name: str) -> dict:
 
 def train_backend(workspace: Path, overrides: dict, flops_per_token: int, peak_tflops: float) -> dict:
     seconds = run_in(workspace, overrides, ["prepare", "train"])
-    metrics = read_metrics(workspace, "train.json")
+    metrics = {**read_metrics(workspace, "cost/train.json")["train"], **read_metrics(workspace, "info/train.json")}
     keys = ("steady_tokens_per_s", "tokens_per_s", "runtime_s", "peak_gpu_memory_gib", "steps", "tokens_seen")
     return {
         **{key: metrics[key] for key in keys},

@@ -72,10 +72,11 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     finally:
         sampler.terminate()
         sampler.wait()
-    metrics = read_metrics(workspace, "train.json")
+    metrics = {**read_metrics(workspace, "train.json")["train"], **read_metrics(workspace, "cost/train.json")["train"],
+               **read_metrics(workspace, "info/train.json")}
     gpus = metrics["num_processes"]
     keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
-            "peak_gpu_memory_gib", "steps", "tokens_seen", "train_loss", "eval_loss")
+            "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
     return {
         **{key: metrics[key] for key in keys},
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),

@@ -1,4 +1,4 @@
-"""Trainer callbacks of the train stage: readable log lines, DVCLive curves, throughput."""
+"""Trainer callbacks of the train stage: log lines, DVCLive curves, throughput, resumable accounting."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from stages.checkpoints import mark_complete
 
 log = logging.getLogger("stages.train")
 
@@ -54,22 +56,71 @@ class LogLine(TrainerCallback):
 
 
 class LossCurves(TrainerCallback):
-    """Train and eval loss per optimizer step into DVCLive, for `dvc plots show/diff`."""
+    """Train and eval loss per optimizer step into DVCLive, for `dvc plots show/diff`.
 
-    def __init__(self, live):
-        self.live = live
+    The curves start afresh at every train begin and first replay the Trainer's log history, which
+    a resumed run restores from its checkpoint: a resumed run draws every step from 1, exactly as
+    an uninterrupted one, whatever DVC or the killed run left in the folder.
+    """
+
+    def __init__(self, directory: str):
+        self.directory, self.live = directory, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from dvclive import Live
+
+            self.live = Live(self.directory, resume=False, save_dvc_exp=False, dvcyaml=None)
+            for logs in state.log_history:
+                self._log(logs["step"], logs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        self.live.step = state.global_step  # x axis = optimizer step, for train and eval alike
+        if self.live is not None and logs:
+            self._log(state.global_step, logs)
+
+    def _log(self, step: int, logs: dict) -> None:
+        self.live.step = step  # x axis = optimizer step, for train and eval alike
         for key, name in CURVES.items():
             if key in logs:
                 self.live.log_metric(name, float(logs[key]))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+    def end(self) -> None:
+        """After the final evaluation (which may come after train end)."""
+        if self.live is not None:
             self.live.end()
+
+
+class ResumableAccounting(TrainerCallback):
+    """What makes a resumed run write exactly what an uninterrupted one writes.
+
+    Every checkpoint step and the last step are also logging steps, so the log history saved in
+    each checkpoint holds the loss of every step up to it (`mean_train_loss` needs nothing else);
+    and a checkpoint is marked complete only once the Trainer has finished saving it.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            mark_complete(f"{args.output_dir}/checkpoint-{state.global_step}", state.global_step)
+
+
+def mean_train_loss(log_history: list[dict]) -> float:
+    """Mean training loss over every optimizer step, from the logged per-window means.
+
+    transformers' own `training_loss` averages only the steps run in this session: a run resumed
+    at step 40 of 60 would report the mean of steps 41-60 over all 60.
+    """
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    if previous == 0:
+        raise ValueError("no training loss was logged")
+    return total / previous
 
 
 class Throughput(TrainerCallback):

@@ -26,8 +26,14 @@ def setup_logging() -> None:
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
 
 
+INTERRUPTED = (
+    "interrupted: no output was replaced; rerun `dvc repro` to continue (train resumes from its last "
+    "complete checkpoint when params, data and code are unchanged)"
+)
+
+
 def stage_entrypoint(main: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a stage's main(): set up logging, and turn a UserError into `error: ...` + exit 2."""
+    """Wrap a stage's main(): set up logging; a UserError becomes `error: ...` + exit 2, Ctrl-C one line + 130."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -37,5 +43,8 @@ def stage_entrypoint(main: Callable[..., None]) -> Callable[..., None]:
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run

@@ -16,7 +16,7 @@ from stages import paths
 from stages.errors import UserError, stage_entrypoint
 from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
-from stages.outputs import jsonl_text, read_jsonl, write_json, write_text
+from stages.outputs import check_writable, jsonl_text, read_jsonl, staged
 from stages.params import load_params
 from stages.rouge import ROUGE_TYPES
 
@@ -73,6 +73,7 @@ def report(metrics: dict, base_metrics: dict, records: list[dict], n_examples: i
 @stage_entrypoint
 def main() -> None:
     params = load_params()
+    check_writable(paths.PREDICTIONS, paths.REPORT, paths.EVAL_METRICS)
     for needed, how in ((paths.MERGED_DIR / "config.json", "dvc repro merge"),
                         (paths.EVAL_BASE_METRICS, "dvc repro evaluate_base"),
                         (paths.BASE_PREDICTIONS, "dvc repro evaluate_base")):
@@ -86,9 +87,10 @@ def main() -> None:
     metrics, predictions = evaluate_model(model, tokenizer, params)
     records = side_by_side(predictions, base_predictions)
 
-    write_text(paths.PREDICTIONS, jsonl_text(records))
-    write_text(paths.REPORT, report(metrics, base_metrics, records, params.eval.report_examples))
-    write_json(paths.EVAL_METRICS, metrics)
+    with staged() as out:  # answers and report first, the metrics that summarise them last
+        out.text(paths.PREDICTIONS, jsonl_text(records))
+        out.text(paths.REPORT, report(metrics, base_metrics, records, params.eval.report_examples))
+        out.json(paths.EVAL_METRICS, metrics)
     log.info("wrote %s, %s and %s", paths.EVAL_METRICS, paths.PREDICTIONS, paths.REPORT)
 
 

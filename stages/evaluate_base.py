@@ -16,7 +16,7 @@ from stages import paths
 from stages.errors import stage_entrypoint
 from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
-from stages.outputs import jsonl_text, write_json, write_text
+from stages.outputs import check_writable, jsonl_text, staged
 from stages.params import load_params
 
 log = logging.getLogger("stages.evaluate")
@@ -25,12 +25,14 @@ log = logging.getLogger("stages.evaluate")
 @stage_entrypoint
 def main() -> None:
     params = load_params()
+    check_writable(paths.BASE_PREDICTIONS, paths.EVAL_BASE_METRICS)
     base = params.model.base_16bit
     tokenizer = load_tokenizer(base, what="model.base_16bit")
     model = load_for_inference(base, what="model.base_16bit")
     metrics, predictions = evaluate_model(model, tokenizer, params)
-    write_text(paths.BASE_PREDICTIONS, jsonl_text(predictions))
-    write_json(paths.EVAL_BASE_METRICS, metrics)
+    with staged() as out:
+        out.text(paths.BASE_PREDICTIONS, jsonl_text(predictions))
+        out.json(paths.EVAL_BASE_METRICS, metrics)
     log.info("wrote %s and %s", paths.EVAL_BASE_METRICS, paths.BASE_PREDICTIONS)
 
 

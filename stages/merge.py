@@ -17,7 +17,7 @@ import time
 from stages import paths
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import load_errors
-from stages.outputs import atomic_dir
+from stages.outputs import atomic_dir, check_writable, remove_stale_temporaries
 from stages.params import load_params
 
 log = logging.getLogger("stages.merge")
@@ -76,6 +76,9 @@ def main() -> None:
 
     base, dtype = params.model.base_16bit, getattr(torch, params.merge.dtype)
     started = time.perf_counter()
+    check_writable(paths.MERGED_DIR)
+    for stale in remove_stale_temporaries(paths.MERGED_DIR):  # a killed merge's 16 GB, before the disk check
+        log.info("removed %s, left by a merge that was stopped", stale)
     needed = weights_bytes(base, dtype)
     check_resources(needed)
     log.info("merging %s into %s (%s, %.1f GiB)", paths.ADAPTER_DIR, base, params.merge.dtype, needed / GIB)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,17 +26,25 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub id ("owner/name" has exactly one slash)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+# A hub repository id: "owner/name" (letters, digits, '-', '_', '.'), never a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """True for "owner/name" that is not an existing path: an existing path is always local."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
 def describe_load_error(what: str, name: str, exc: BaseException) -> str:
     """One line that says why `name` could not be loaded and what to do about it."""
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        return f"{what} = {name}: no such folder; point it at a local model folder or a hub id"
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    kind = "dataset" if what.startswith("data") else "model"
+    if Path(name).expanduser().exists():
+        return f"{what} = {name}: this local {kind} could not be loaded ({first_line})"
+    if not is_hub_id(name):
+        return f"{what} = {name}: no such file or folder; point it at a local {kind} or an owner/name hub id"
     if "gated" in lowered or "403" in lowered or "401" in lowered or "access to model" in lowered:
         return (
             f"{what} = {name} is gated or private: accept its licence on the Hugging Face Hub with "
@@ -47,9 +56,9 @@ def describe_load_error(what: str, name: str, exc: BaseException) -> str:
             "cache; on an offline server download it once elsewhere (hf download "
             f"{name} --local-dir DIR), copy DIR over and set {what} to DIR"
         )
-    if "not a valid model identifier" in lowered or "repository not found" in lowered or "404" in lowered:
-        return f"{what} = {name}: no such model on the Hub or on disk; check the spelling"
-    first_line = text.splitlines()[0] if text else type(exc).__name__
+    if "not a valid model identifier" in lowered or "repository not found" in lowered or "404" in lowered \
+            or "doesn't exist on the hub" in lowered:
+        return f"{what} = {name}: no such {kind} on the Hub or on disk; check the spelling"
     return f"{what} = {name}: could not be loaded ({first_line})"
 
 

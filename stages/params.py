@@ -2,22 +2,75 @@
 
 Every section is a frozen pydantic model that rejects unknown keys, so a typo such as
 `lora.rank` fails at once instead of being silently ignored. `load_params()` turns any problem
-into a `UserError` naming the key and the bad value.
+into a `UserError` naming the key and the bad value. Every default equals the shipped
+params.yaml (a test checks it), so a section left out means the reference recipe, not some
+other code-only setting.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stages.errors import UserError
 from stages.paths import PARAMS_FILE
 
 # The seven linear projections of a Llama decoder layer: the only names LoRA can target here.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# transformers' SchedulerType and OptimizerNames (5.17), checked here so that a misspelling fails
+# with the other params instead of after the model has loaded; a test keeps them equal.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+DEFAULT_SYSTEM_PROMPT = (
+    "당신은 의학 연구 초록을 근거로 임상 질문에 답하는 의료 전문가입니다. "
+    "주어진 초록의 결과에 근거하여 한국어로 정확하고 간결하게 결론을 서술하세요."
+)
+
+
+def _not_a_bool(value):
+    # YAML's true/false would otherwise pass as 1/0 (`val_size: true` = one row).
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
+def _one_of(choices: tuple[str, ...], what: str):
+    def check(value: str) -> str:
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(choices)}"
+            raise ValueError(f"unknown {what}; {hint}")
+        return value
+
+    return check
 
 
 class _Section(BaseModel):
@@ -25,15 +78,15 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: str = Field(min_length=1)
+    source: str = Field("ChuGyouk/PubMedQA-test-Ko", min_length=1)
     split: str = "test"
     revision: Optional[str] = None
     include_contexts: bool = True
-    min_chars: int = Field(5, ge=0)
+    min_chars: Int = Field(5, ge=0)
     # A value below 1 is a fraction of the cleaned rows, 1 or more a row count.
-    val_size: Union[int, float] = Field(0.1, gt=0)
-    test_size: Union[int, float] = Field(0.1, gt=0)
-    split_seed: int = 42
+    val_size: Union[Int, Float] = Field(0.1, gt=0)
+    test_size: Union[Int, Float] = Field(0.1, gt=0)
+    split_seed: Int = 42
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self):
@@ -50,21 +103,21 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    name: str = Field(min_length=1)
-    base_16bit: str = Field(min_length=1)
-    max_seq_length: int = Field(2048, ge=64, le=131072)
+    name: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", min_length=1)
+    base_16bit: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct", min_length=1)
+    max_seq_length: Int = Field(2048, ge=64, le=131072)
     load_in_4bit: bool = True
     backend: Literal["auto", "unsloth", "transformers"] = "auto"
 
 
 class PromptParams(_Section):
-    system: str = ""
+    system: str = DEFAULT_SYSTEM_PROMPT
 
 
 class LoraParams(_Section):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: Int = Field(16, gt=0)
+    alpha: Float = Field(16, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
     bias: Literal["none", "all", "lora_only"] = "none"
 
@@ -82,22 +135,22 @@ class LoraParams(_Section):
 
 
 class TrainParams(_Section):
-    per_device_train_batch_size: int = Field(3, gt=0)
-    gradient_accumulation_steps: int = Field(4, gt=0)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    warmup_steps: int = Field(5, ge=0)
-    max_steps: int = 60
-    num_train_epochs: float = Field(2, gt=0)
-    lr_scheduler_type: str = "linear"
-    optim: str = "adamw_8bit"
-    weight_decay: float = Field(0.01, ge=0)
-    eval_steps: int = Field(10, gt=0)
-    save_steps: int = Field(10, gt=0)
-    logging_steps: int = Field(1, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
+    per_device_train_batch_size: Int = Field(12, gt=0)
+    gradient_accumulation_steps: Int = Field(1, gt=0)
+    learning_rate: Float = Field(2e-4, gt=0, lt=1)
+    warmup_steps: Int = Field(5, ge=0)
+    max_steps: Int = 60
+    num_train_epochs: Float = Field(2, gt=0)
+    lr_scheduler_type: Annotated[str, BeforeValidator(_one_of(SCHEDULERS, "scheduler"))] = "linear"
+    optim: Annotated[str, BeforeValidator(_one_of(OPTIMIZERS, "optimizer"))] = "adamw_8bit"
+    weight_decay: Float = Field(0.01, ge=0)
+    eval_steps: Int = Field(10, gt=0)
+    save_steps: Int = Field(10, gt=0)
+    logging_steps: Int = Field(1, gt=0)
+    per_device_eval_batch_size: Int = Field(8, gt=0)
     completion_only_loss: bool = True
     gradient_checkpointing: bool = True
-    num_processes: int = Field(1, ge=1, le=4096)
+    num_processes: Int = Field(1, ge=1, le=4096)
     accelerate_config: Optional[str] = Field(None, min_length=1)
 
 
@@ -106,20 +159,20 @@ class MergeParams(_Section):
 
 
 class EvalParams(_Section):
-    batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(256, gt=0)
+    batch_size: Int = Field(16, gt=0)
+    max_new_tokens: Int = Field(256, gt=0)
     do_sample: bool = False
     cache: Literal["dynamic", "static"] = "dynamic"
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
+    temperature: Float = Field(0.7, gt=0)
+    top_p: Float = Field(0.9, gt=0, le=1)
     rouge_tokenizer: Literal["morpheme", "whitespace", "char"] = "morpheme"
-    report_examples: int = Field(3, ge=0)
+    report_examples: Int = Field(3, ge=0)
 
 
 class Params(_Section):
-    seed: int = 3407
-    data: DataParams
-    model: ModelParams
+    seed: Int = 3407
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
     prompt: PromptParams = PromptParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
@@ -129,14 +182,16 @@ class Params(_Section):
 
 def _describe(error: dict, raw: dict) -> str:
     """One readable line for one pydantic error: the dotted key, the value, the reason."""
-    key = ".".join(str(part) for part in error["loc"])
+    # A union's branches add their own names to loc ("function-before[...]", "int"): keep the keys.
+    loc = [part for part in error["loc"] if isinstance(part, int) or part.isidentifier() and part not in ("int", "float")]
+    key = ".".join(str(part) for part in loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check the spelling against the README's params table)"
     if error["type"] == "missing":
         return f"{key}: missing"
     value = raw
-    for part in error["loc"]:
+    for part in loc:
         try:
             value = value[part]
         except (KeyError, IndexError, TypeError):
@@ -153,7 +208,7 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, raw) for err in exc.errors())
+        problems = "; ".join(dict.fromkeys(_describe(err, raw) for err in exc.errors()))
         raise UserError(f"{source}: {problems}") from None
 
 

@@ -6,7 +6,9 @@ dvc.yaml names the same paths; tests/test_dvc_yaml.py checks that the two agree.
 from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
+DVC_YAML = Path("dvc.yaml")
 
+VALIDATED = Path("data/validated.txt")  # written by the validate stage, identical whenever params are valid
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation", "test")
 
@@ -16,14 +18,19 @@ def split_file(split: str, prepared_dir: Path = PREPARED_DIR) -> Path:
 
 
 ADAPTER_DIR = Path("models/adapter")
-# Resumable trainer checkpoints: persisted across runs, never cached by DVC.
+# Checkpoints of an unfinished train run: outside dvc.yaml's outputs (git-ignored like models/),
+# deleted once the run has written its outputs.
 CHECKPOINT_DIR = Path("models/checkpoints")
 MERGED_DIR = Path("models/merged")
 DVCLIVE_TRAIN_DIR = Path("dvclive/train")
 
 METRICS_DIR = Path("metrics")
 DATA_METRICS = METRICS_DIR / "data.json"
+# Quality metrics (what a reviewer compares) in metrics/, the cost of producing them in
+# metrics/cost/, counters, versions and other facts that are not compared in metrics/info/.
 TRAIN_METRICS = METRICS_DIR / "train.json"
+TRAIN_COST = METRICS_DIR / "cost/train.json"
+TRAIN_INFO = METRICS_DIR / "info/train.json"
 EVAL_METRICS = METRICS_DIR / "eval.json"
 EVAL_BASE_METRICS = METRICS_DIR / "eval_base.json"
 PREDICTIONS = METRICS_DIR / "predictions.jsonl"

@@ -17,6 +17,7 @@ from stages.evaluation import stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.params import load_params
 from stages.prompt import build_messages, encode, render_prompt
+from stages.records import normalize_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,33 +31,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def answering_folder(use_adapter: bool):
+    """The folder whose tokenizer (and model, or adapter) answers; missing = one line saying what to run."""
+    if use_adapter:
+        if not (paths.ADAPTER_DIR / "adapter_config.json").exists():
+            raise UserError(f"{paths.ADAPTER_DIR} is missing; run `dvc repro train` first")
+        return paths.ADAPTER_DIR
+    if not (paths.MERGED_DIR / "config.json").exists():
+        raise UserError(f"{paths.MERGED_DIR} is missing; run `dvc repro merge` first, or pass --adapter")
+    return paths.MERGED_DIR
+
+
 def load_answering_model(use_adapter: bool, base: str):
     if not use_adapter:
-        if not (paths.MERGED_DIR / "config.json").exists():
-            raise UserError(f"{paths.MERGED_DIR} is missing; run `dvc repro merge` first, or pass --adapter")
-        return load_for_inference(str(paths.MERGED_DIR), "models/merged"), load_tokenizer(str(paths.MERGED_DIR))
-    if not (paths.ADAPTER_DIR / "adapter_config.json").exists():
-        raise UserError(f"{paths.ADAPTER_DIR} is missing; run `dvc repro train` first")
+        return load_for_inference(str(paths.MERGED_DIR), "models/merged")
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_for_inference(base, "model.base_16bit"), str(paths.ADAPTER_DIR))
-    return model.eval(), load_tokenizer(str(paths.ADAPTER_DIR))
+    return model.eval()
+
+
+def prompt_ids(tokenizer, params, question: str, contexts: list[str], max_new_tokens: int) -> list[int]:
+    """The question's prompt as token ids, after checking what the user typed."""
+    question, contexts = normalize_text(question) or "", [normalize_text(c) for c in contexts]
+    if not question:
+        raise UserError("the question is empty; pass it in quotes: python -m stages.predict \"질문 ...\"")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens = {max_new_tokens}: give a positive number of tokens")
+    contexts = [c for c in contexts if c]  # NFC as in prepare: macOS input may come decomposed (NFD)
+    messages = build_messages(params.prompt.system, question, contexts, bool(contexts))
+    ids = encode(tokenizer, render_prompt(tokenizer, messages))
+    limit = params.model.max_seq_length
+    if len(ids) + max_new_tokens > limit:
+        raise UserError(
+            f"the question and context take {len(ids)} tokens and the answer up to {max_new_tokens}: more than "
+            f"the {limit} tokens (model.max_seq_length) the model was trained on; shorten the context "
+            "or pass a smaller --max-new-tokens"
+        )
+    return ids
 
 
 @stage_entrypoint
 def main(argv=None) -> None:
     args = parse_args(argv)
     params = load_params()
-    model, tokenizer = load_answering_model(args.adapter, params.model.base_16bit)
+    max_new_tokens = params.eval.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    folder = answering_folder(args.adapter)
+    tokenizer = load_tokenizer(str(folder), what=str(folder))
+    ids = prompt_ids(tokenizer, params, args.question, args.context, max_new_tokens)
+    model = load_answering_model(args.adapter, params.model.base_16bit)
     import torch
     from transformers import TextStreamer
 
-    messages = build_messages(params.prompt.system, args.question, args.context, bool(args.context))
-    input_ids = torch.tensor([encode(tokenizer, render_prompt(tokenizer, messages))], device=model.device)
+    input_ids = torch.tensor([ids], device=model.device)
     model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens or params.eval.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,
         top_p=None,

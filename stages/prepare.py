@@ -14,7 +14,7 @@ import time
 from stages import paths
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import load_tokenizer
-from stages.outputs import atomic_dir, jsonl_text, write_json
+from stages.outputs import check_writable, jsonl_text, staged
 from stages.params import load_params
 from stages.prompt import build_messages, encode, render_prompt_completion
 from stages.records import clean_records, content_hash, read_records, split_rows
@@ -69,10 +69,11 @@ def main() -> None:
     params = load_params()
     data_params = params.data
     started = time.perf_counter()
+    check_writable(paths.PREPARED_DIR, paths.DATA_METRICS)
 
     tokenizer = load_tokenizer(params.model.name)
     records = read_records(data_params.source, data_params.split, data_params.revision)
-    rows, dropped = clean_records(records, data_params.min_chars)
+    rows, dropped, invalid_decisions = clean_records(records, data_params.min_chars)
     log.info("read %d rows from %s; %d kept after cleaning", len(records), data_params.source, len(rows))
 
     prepared = []
@@ -87,25 +88,28 @@ def main() -> None:
         raise UserError(f"no row fits model.max_seq_length = {params.model.max_seq_length} tokens")
     splits = split_rows(prepared, data_params.val_size, data_params.test_size, data_params.split_seed)
 
-    with atomic_dir(paths.PREPARED_DIR) as out_dir:
-        for name, members in splits.items():
-            paths.split_file(name, out_dir).write_text(jsonl_text(members), encoding="utf-8")
     stats = {name: token_stats(members) for name, members in splits.items()}
-    metrics = {
+    summary = {
         "source_sha256": content_hash(records),
         "rows": {"read": len(records), "kept": len(prepared), **{n: len(m) for n, m in splits.items()}},
         "dropped": dict(dropped),
+        # final_decision other than yes/no/maybe: the row is kept, without a decision label
+        "invalid_final_decision": invalid_decisions,
         "truncated": {n: sum(r["truncated"] for r in m) for n, m in splits.items()},
         **{
             f"tokens_{stat}": {name: stats[name][stat] for name in splits}
             for stat in ("p50", "p95", "max")
         },
     }
-    write_json(paths.DATA_METRICS, metrics)
+    with staged() as out:
+        out_dir = out.dir(paths.PREPARED_DIR)
+        for name, members in splits.items():
+            paths.split_file(name, out_dir).write_text(jsonl_text(members), encoding="utf-8")
+        out.json(paths.DATA_METRICS, summary)
     log.info(
         "wrote %s: train/validation/test = %d/%d/%d rows, %d truncated, dropped %s (%.1fs)",
         paths.PREPARED_DIR, *(len(splits[n]) for n in paths.SPLITS),
-        sum(metrics["truncated"].values()), dict(+dropped), time.perf_counter() - started,
+        sum(summary["truncated"].values()), dict(+dropped), time.perf_counter() - started,
     )
 
 

@@ -5,6 +5,7 @@ Pure functions on lists of dicts, used by stages/prepare.py and tested on their 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from stages.errors import UserError
+from stages.modeling import is_hub_id
 
 REQUIRED_COLUMNS = ("QUESTION", "CONTEXTS", "LONG_ANSWER")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
@@ -20,10 +22,12 @@ DROP_REASONS = (
     "missing_question", "missing_answer", "short_question", "short_answer",
     "duplicate_id", "duplicate_question", "too_long",
 )
+DECISIONS = ("yes", "no", "maybe")  # PubMedQA's final_decision labels
 
 
 def is_local_source(source: str) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) or Path(source).exists()
+    """An existing path is always local; so is a file name and anything that cannot be a hub id."""
+    return source.endswith(LOCAL_SUFFIXES) or not is_hub_id(source)
 
 
 def read_records(source: str, split: str, revision: str | None) -> list[dict]:
@@ -33,44 +37,91 @@ def read_records(source: str, split: str, revision: str | None) -> list[dict]:
     return _read_hub(source, split, revision)
 
 
+def _as_records(loaded, path: Path) -> list[dict]:
+    if isinstance(loaded, dict) and all(isinstance(v, dict) for v in loaded.values()):
+        return [{"pubid": key, **value} for key, value in loaded.items()]  # the original PubMedQA release
+    if isinstance(loaded, list) and all(isinstance(item, dict) for item in loaded):
+        return loaded
+    raise UserError(
+        f"data.source = {path}: expected a list of records ({{\"QUESTION\": ..., ...}}) or a dict of records "
+        f"keyed by id, found {_shape(loaded)}"
+    )
+
+
+def _shape(loaded) -> str:
+    if isinstance(loaded, dict):
+        key, value = next(((k, v) for k, v in loaded.items() if not isinstance(v, dict)), (None, None))
+        return f"a dict whose value for {key!r} is {type(value).__name__}"
+    if isinstance(loaded, list):
+        index = next(i for i, item in enumerate(loaded) if not isinstance(item, dict))
+        return f"a list whose item {index} is {type(loaded[index]).__name__}"
+    return type(loaded).__name__
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise UserError(f"data.source = {path}: line {number} is not valid JSON ({exc})") from None
+            if not isinstance(rows[-1], dict):
+                raise UserError(f"data.source = {path}: line {number} is {type(rows[-1]).__name__}, not a record")
+    return rows
+
+
 def _read_local(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"data.source = {path}: no such file")
+    if path.is_dir():
+        raise UserError(f"data.source = {path}: is a folder; point it at a {', '.join(LOCAL_SUFFIXES)} file")
+    if not path.exists():
+        raise UserError(f"data.source = {path}: no such file or folder")
     if path.suffix not in LOCAL_SUFFIXES:
         raise UserError(f"data.source = {path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
     try:
         if path.suffix == ".json":
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):  # the original PubMedQA release: {pubid: record}
-                return [{"pubid": key, **value} for key, value in loaded.items()]
-            if isinstance(loaded, list):
-                return loaded
-            raise UserError(f"data.source = {path}: expected a list of records or a dict keyed by id")
+            return _as_records(json.loads(path.read_text(encoding="utf-8")), path)
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as handle:
-                return [json.loads(line) for line in handle if line.strip()]
+            return _read_jsonl(path)
         import pandas as pd
 
         frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
         return [{k: _from_table(v) for k, v in row.items()} for row in frame.to_dict("records")]
-    except UserError:
-        raise
+    except UnicodeDecodeError:
+        raise UserError(
+            f"data.source = {path}: not UTF-8 text (Excel on Korean Windows saves cp949/EUC-KR); re-save it "
+            "as UTF-8 (Excel: 'CSV UTF-8', or: iconv -f cp949 -t utf-8 IN > OUT)"
+        ) from None
     except (OSError, ValueError) as exc:  # unreadable file or malformed JSON/CSV/parquet
         raise UserError(f"data.source = {path}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _from_table(value):
-    """Undo what a CSV or parquet file does to list columns and missing values."""
+    """Undo what a CSV or parquet file does to list columns and missing values.
+
+    pandas writes a list cell as Python's repr (`['a', 'b']`), other tools as JSON (`["a", "b"]`).
+    """
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, float) and math.isnan(value):
         return None
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                decoded = parse(value)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(decoded, list):
+                return decoded
     return value
+
+
+def decision(value) -> str | None:
+    """yes / no / maybe from a final_decision cell (any case, spaces), else None."""
+    text = normalize_text(value) if isinstance(value, str) else None
+    return text.lower() if text and text.lower() in DECISIONS else None
 
 
 def _read_hub(source: str, split: str, revision: str | None) -> list[dict]:
@@ -109,15 +160,16 @@ def _row_id(record: dict, question: str, answer: str) -> str:
     return "h" + hashlib.sha256(f"{question}\n{answer}".encode("utf-8")).hexdigest()[:12]
 
 
-def clean_records(records: list[dict], min_chars: int) -> tuple[list[dict], Counter]:
-    """Normalise and filter rows; return the kept rows and the drop count per reason."""
+def clean_records(records: list[dict], min_chars: int) -> tuple[list[dict], Counter, int]:
+    """Normalise and filter rows; return the kept rows, the drop count per reason, and how many kept
+    rows had a final_decision other than yes/no/maybe (kept without it)."""
     if not records:
         raise UserError("data.source holds no rows")
     missing = [c for c in REQUIRED_COLUMNS if all(c not in r for r in records)]
     if missing:
         raise UserError(f"data.source has no column {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
     dropped = Counter({reason: 0 for reason in DROP_REASONS})
-    kept, seen_ids, seen_questions = [], set(), set()
+    kept, seen_ids, seen_questions, invalid_decisions = [], set(), set(), 0
     for record in records:
         question = normalize_text(record.get("QUESTION"))
         answer = normalize_text(record.get("LONG_ANSWER"))
@@ -142,12 +194,15 @@ def clean_records(records: list[dict], min_chars: int) -> tuple[list[dict], Coun
         seen_ids.add(row_id)
         seen_questions.add(question)
         row = {"id": row_id, "question": question, "contexts": _contexts(record.get("CONTEXTS")), "answer": answer}
-        if record.get("final_decision") is not None:
-            row["final_decision"] = normalize_text(str(record["final_decision"])).lower()
+        label = record.get("final_decision")
+        if decision(label) is not None:
+            row["final_decision"] = decision(label)
+        elif label not in (None, ""):  # kept without a label: never a stratum or a score of its own
+            invalid_decisions += 1
         kept.append(row)
     if not kept:
         raise UserError(f"no rows left after cleaning (dropped: {dict(+dropped)}); check data.min_chars and the columns")
-    return kept, dropped
+    return kept, dropped, invalid_decisions
 
 
 def split_counts(n_rows: int, val_size: float, test_size: float) -> tuple[int, int, int]:

@@ -3,28 +3,26 @@
     python -m stages.train          (or: dvc repro train)
 
 Reads data/prepared/{train,validation}.jsonl and the seed, model, prompt, lora and train params;
-writes models/adapter/ (PEFT adapter + tokenizer), metrics/train.json and DVCLive loss curves
-in dvclive/train/. Resumable checkpoints go to models/checkpoints/: rerunning an interrupted
-train with the same params and data continues from the last one.
+writes models/adapter/ (PEFT adapter + tokenizer), metrics/train.json (losses),
+metrics/cost/train.json (speed, memory), metrics/info/train.json (steps, tokens, backend,
+versions) and DVCLive loss curves in dvclive/train/. While it runs, checkpoints go to
+models/checkpoints/ (outside DVC): rerunning an interrupted train with the same params, data,
+code and libraries continues from the last complete one; a finished run deletes them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from importlib.metadata import PackageNotFoundError, version
 
-from stages import launch, paths
-from stages.checkpoints import checkpoint_to_resume, run_fingerprint
+from stages import checkpoints, launch, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import choose_backend, cuda_available, load_for_training
-from stages.outputs import atomic_dir, read_jsonl, write_json
+from stages.outputs import check_writable, read_jsonl, staged
 from stages.params import load_params
 from stages.prompt import IGNORE_INDEX, tokenize_example
 
 log = logging.getLogger("stages.train")
-
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "unsloth")
-
 
 def tokenized_split(split: str, tokenizer, completion_only_loss: bool, max_tokens: int):
     """A datasets.Dataset of input_ids and labels; rows with no answer token left are dropped."""
@@ -95,23 +93,31 @@ def out_of_memory_advice(train, max_seq_length: int) -> str:
     )
 
 
-def library_versions() -> dict[str, str]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
+def save_adapter(model, tokenizer, folder) -> None:
+    """The adapter and tokenizer, byte-identical between identical runs.
+
+    PEFT keeps target_modules in a set and writes it in hash order, which changes from run to run
+    (and with it the adapter's DVC hash, rerunning merge for nothing): sort it.
+    """
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_outputs(trainer, tokenizer, metrics: dict) -> None:
-    with atomic_dir(paths.ADAPTER_DIR) as adapter_dir:
-        trainer.model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-    write_json(paths.TRAIN_METRICS, metrics)
-    log.info("wrote %s and %s: train_loss %.4f, eval_loss %.4f, %s tokens/s", paths.ADAPTER_DIR,
-             paths.TRAIN_METRICS, metrics["train_loss"], metrics["eval_loss"]["last"], metrics["tokens_per_s"])
+def write_outputs(trainer, tokenizer, metrics: dict, cost: dict, info: dict) -> None:
+    """The adapter, then the numbers that describe it, renamed into place only when all are written."""
+    with staged() as out:
+        save_adapter(trainer.model, tokenizer, out.dir(paths.ADAPTER_DIR))
+        out.json(paths.TRAIN_METRICS, metrics)
+        out.json(paths.TRAIN_COST, cost)
+        out.json(paths.TRAIN_INFO, info)
+    log.info("wrote %s and %s: train loss %.4f, eval loss %.4f, %s tokens/s", paths.ADAPTER_DIR,
+             paths.TRAIN_METRICS, metrics["train"]["loss"], metrics["train"]["eval_loss_last"],
+             cost["train"]["tokens_per_s"])
 
 
 @stage_entrypoint
@@ -121,6 +127,8 @@ def main() -> None:
     for split in ("train", "validation"):
         if not paths.split_file(split).exists():
             raise UserError(f"{paths.split_file(split)} is missing; run `dvc repro prepare` first")
+    check_writable(paths.ADAPTER_DIR, paths.TRAIN_METRICS, paths.TRAIN_COST, paths.TRAIN_INFO,
+                   paths.CHECKPOINT_DIR / checkpoints.FINGERPRINT_FILE)
     launch.use_one_gpu(train.num_processes)
     on_cuda = cuda_available()
     if launch.needs_launch(train.num_processes, train.accelerate_config):
@@ -132,29 +140,26 @@ def main() -> None:
     model, tokenizer, backend = load_for_training(params.model, params.lora, train.gradient_checkpointing, params.seed)
     # Only now, after unsloth (when used) has patched them, import trl and transformers' pieces.
     import torch
-    from dvclive import Live
+    from accelerate import PartialState
     from trl import SFTTrainer
 
-    from stages.callbacks import LogLine, LossCurves, Throughput, quiet_progress
+    from stages.callbacks import LogLine, LossCurves, ResumableAccounting, Throughput, mean_train_loss, quiet_progress
 
     max_length = params.model.max_seq_length
     train_set = tokenized_split("train", tokenizer, train.completion_only_loss, max_length)
     eval_set = tokenized_split("validation", tokenizer, train.completion_only_loss, max_length)
-    from accelerate import PartialState
-
     with PartialState(cpu=not on_cuda).main_process_first():  # the main process clears or keeps checkpoints first
-        resume_from = checkpoint_to_resume(run_fingerprint(params))
+        resume_from = checkpoints.checkpoint_to_resume(checkpoints.run_fingerprint(params))
     main_process = launch.is_main_process()
     throughput = Throughput()
-    curves = [LossCurves(Live(str(paths.DVCLIVE_TRAIN_DIR), resume=resume_from is not None,
-                              save_dvc_exp=False, dvcyaml=None))] if main_process else []
+    curves = LossCurves(str(paths.DVCLIVE_TRAIN_DIR))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, params.seed, max_length, on_cuda),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        callbacks=[LogLine(), throughput, *curves],
+        callbacks=[ResumableAccounting(), LogLine(), throughput, curves],
     )
     quiet_progress(trainer)
     processes = launch.world_size()
@@ -163,30 +168,37 @@ def main() -> None:
              "processes, backend %s", len(train_set), len(eval_set), effective_batch,
              train.per_device_train_batch_size, train.gradient_accumulation_steps, processes, backend)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError:
         raise UserError(out_of_memory_advice(train, params.model.max_seq_length)) from None
     state = trainer.state
     if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too
+    curves.end()
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     if main_process:  # one process writes the adapter and the metrics
-        write_outputs(trainer, tokenizer, {
-            "train_loss": result.training_loss,
-            "eval_loss": {"best": min(eval_losses), "last": eval_losses[-1]},
-            "steps": state.global_step,
-            "epochs": state.epoch,
-            "tokens_seen": state.num_input_tokens_seen,
-            **throughput.summary(),
-            "effective_batch_size": effective_batch,
-            "num_processes": processes,
-            "peak_gpu_memory_gib": {
-                "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,
-                "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else 0.0,
+        write_outputs(
+            trainer, tokenizer,
+            metrics={"train": {"loss": mean_train_loss(state.log_history),
+                               "eval_loss_best": min(eval_losses), "eval_loss_last": eval_losses[-1]}},
+            cost={"train": {
+                **throughput.summary(),
+                "peak_gpu_memory_gib": {
+                    "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else 0.0,
+                    "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else 0.0,
+                },
+            }},
+            info={
+                "steps": state.global_step,
+                "epochs": state.epoch,
+                "tokens_seen": state.num_input_tokens_seen,
+                "effective_batch_size": effective_batch,
+                "num_processes": processes,
+                "backend": backend,
+                "versions": checkpoints.library_versions(),
             },
-            "backend": backend,
-            "versions": library_versions(),
-        })
+        )
+        checkpoints.clear()  # a finished run leaves nothing to resume
     launch.finish()
 
 

@@ -97,9 +97,9 @@ def pipeline_run(smoke_template, tmp_path_factory) -> Path:
     patcher.setenv("HF_TOKEN", TOKEN_SENTINEL)
     os.chdir(dest)
     try:
-        from stages import evaluate, evaluate_base, merge, prepare, train
+        from stages import evaluate, evaluate_base, merge, prepare, train, validate
 
-        for stage in (prepare, train, merge, evaluate_base, evaluate):
+        for stage in (validate, prepare, train, merge, evaluate_base, evaluate):
             stage.main()
     finally:
         os.chdir(previous)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 # Shared plumbing that never changes what a stage computes: no dvc.yaml dep needed.
 PLUMBING = {"errors", "params", "paths", "outputs", "__init__"}
+WHOLE_FILE = [{"params.yaml": None}]  # dvc.yaml's way to depend on every param
 
 
 class ParamsRecorder:
@@ -40,6 +41,8 @@ class ParamsRecorder:
 
 
 def _covered(key, declared):
+    if declared == WHOLE_FILE:
+        return True
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
@@ -48,14 +51,14 @@ def params_read(smoke_template, tmp_path_factory):
     import os
     import shutil
 
-    from stages import evaluate, evaluate_base, merge, prepare, train
+    from stages import evaluate, evaluate_base, merge, prepare, train, validate
 
     dest = tmp_path_factory.mktemp("recorded") / "ws"
     shutil.copytree(smoke_template, dest, symlinks=True)
     previous, read = os.getcwd(), {}
     os.chdir(dest)
     try:
-        for module in (prepare, train, merge, evaluate_base, evaluate):
+        for module in (validate, prepare, train, merge, evaluate_base, evaluate):
             name = module.__name__.split(".")[-1]
             read[name] = set()
             original = module.load_params
@@ -69,7 +72,14 @@ def params_read(smoke_template, tmp_path_factory):
     return read
 
 
-@pytest.mark.parametrize("stage", list(DVC))
+def test_only_validate_depends_on_every_param():
+    # It validates the whole file, so it must rerun (and fail first) whenever any param changes.
+    assert [name for name, stage in DVC.items() if stage["params"] == WHOLE_FILE] == ["validate"]
+    assert list(DVC)[0] == "validate" and "data/validated.txt" in DVC["prepare"]["deps"]
+    assert DVC["validate"]["outs"] == [{"data/validated.txt": {"cache": False, "persist": True}}]
+
+
+@pytest.mark.parametrize("stage", [name for name, stage in DVC.items() if stage["params"] != WHOLE_FILE])
 def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, stage):
     declared = DVC[stage]["params"]
     read = params_read[stage]
@@ -80,7 +90,7 @@ def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, sta
 
 def test_a_lora_change_reruns_train_merge_evaluate_but_not_prepare():
     depends_on_lora = {name for name, stage in DVC.items() if _covered("lora.r", stage["params"])}
-    assert depends_on_lora == {"train"}
+    assert depends_on_lora == {"validate", "train"}  # validate's output never changes: it reruns nothing
     assert "models/adapter" in DVC["merge"]["deps"] and "models/merged" in DVC["evaluate"]["deps"]
     assert not any(d.startswith("models/") for d in DVC["evaluate_base"]["deps"])
 
@@ -114,8 +124,10 @@ def test_outputs_in_dvc_yaml_match_stages_paths():
 
     assert outs("prepare", "outs") == {str(paths.PREPARED_DIR)}
     assert outs("prepare", "metrics") == {str(paths.DATA_METRICS)}
-    assert outs("train", "outs") == {str(paths.ADAPTER_DIR), str(paths.CHECKPOINT_DIR)}
-    assert outs("train", "metrics") == {str(paths.TRAIN_METRICS)}
+    assert outs("validate", "outs") == {str(paths.VALIDATED)}
+    assert outs("train", "outs") == {str(paths.ADAPTER_DIR), str(paths.TRAIN_INFO)}
+    assert outs("train", "metrics") == {str(paths.TRAIN_METRICS), str(paths.TRAIN_COST)}
+    assert not str(paths.CHECKPOINT_DIR).startswith(tuple(outs("train", "outs")))  # never a DVC output
     assert outs("train", "plots") == {str(paths.DVCLIVE_TRAIN_DIR / "plots/metrics")}
     assert outs("merge", "outs") == {str(paths.MERGED_DIR)}
     assert outs("evaluate_base", "metrics") | outs("evaluate_base", "outs") == {

@@ -28,7 +28,8 @@ def _workspace(prepared: Path, dest: Path, overrides: dict) -> Path:
 
 
 def _results(workspace: Path) -> tuple[dict, dict]:
-    metrics = json.loads((workspace / paths.TRAIN_METRICS).read_text(encoding="utf-8"))
+    read = lambda path: json.loads((workspace / path).read_text(encoding="utf-8"))  # noqa: E731
+    metrics = {"train_loss": read(paths.TRAIN_METRICS)["train"]["loss"], **read(paths.TRAIN_INFO)}
     return metrics, load_file(workspace / paths.ADAPTER_DIR / "adapter_model.safetensors")
 
 

@@ -69,4 +69,4 @@ def test_out_of_gpu_memory_suggests_params_that_keep_the_effective_batch(workspa
     assert "-S train.per_device_train_batch_size=1 -S train.gradient_accumulation_steps=4" in error
     assert "Traceback" not in error
     advice = train.out_of_memory_advice(TrainParams(), 2048)
-    assert "per_device_train_batch_size=1 -S train.gradient_accumulation_steps=8" in advice
+    assert "per_device_train_batch_size=6 -S train.gradient_accumulation_steps=2" in advice

@@ -64,10 +64,41 @@ def test_unknown_keys_are_rejected(raw):
         parse_params(raw)
 
 
-def test_missing_section_is_named(raw):
-    del raw["model"]
-    with pytest.raises(UserError, match=r"model: missing"):
+def test_every_code_default_is_the_shipped_recipe(raw):
+    """A section or key left out of params.yaml means the shipped value, never another code default."""
+    from stages.params import Params
+
+    assert Params() == load_params(ROOT / "params.yaml")
+    for section in list(raw):
+        partial = {key: value for key, value in raw.items() if key != section}
+        assert parse_params(partial) == load_params(ROOT / "params.yaml"), section
+
+
+def test_optimizer_and_scheduler_choices_are_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from stages.params import OPTIMIZERS, SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.optim", "adamw8bit", "train.optim = 'adamw8bit': unknown optimizer; did you mean 'adamw_8bit'?"),
+        ("train.lr_scheduler_type", "cosin", "train.lr_scheduler_type = 'cosin': unknown scheduler; did you mean 'cosine'?"),
+        ("data.val_size", True, "data.val_size = True: expected a number, not true/false"),
+        ("lora.r", True, "lora.r = True: expected a number, not true/false"),
+        ("train.learning_rate", False, "train.learning_rate = False: expected a number, not true/false"),
+    ],
+)
+def test_misspelled_choices_and_booleans_fail_with_the_other_params(raw, key, value, expected):
+    set_key(raw, key, value)
+    with pytest.raises(UserError) as error:
         parse_params(raw)
+    assert str(error.value) == f"params.yaml: {expected}"
 
 
 def test_yaml_exponent_without_dot_still_parses_as_a_number(raw):

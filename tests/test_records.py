@@ -12,7 +12,7 @@ from stages.records import clean_records, content_hash, read_records, split_coun
 
 
 def test_every_local_format_reads_the_same_rows(tmp_path, sample_records):
-    expected, _ = clean_records(sample_records, 5)
+    expected, _, _ = clean_records(sample_records, 5)
     (tmp_path / "a.json").write_text(json.dumps(sample_records, ensure_ascii=False), encoding="utf-8")
     # The original PubMedQA release: a dict keyed by pubid.
     keyed = {r["pubid"]: {k: v for k, v in r.items() if k != "pubid"} for r in sample_records}
@@ -25,12 +25,12 @@ def test_every_local_format_reads_the_same_rows(tmp_path, sample_records):
     csv_frame = frame.assign(CONTEXTS=frame["CONTEXTS"].map(lambda c: json.dumps(c, ensure_ascii=False)))
     csv_frame.to_csv(tmp_path / "e.csv", index=False)
     for name in ("a.json", "b.json", "c.jsonl", "d.parquet", "e.csv"):
-        rows, _ = clean_records(read_records(str(tmp_path / name), "test", None), 5)
+        rows, _, _ = clean_records(read_records(str(tmp_path / name), "test", None), 5)
         assert rows == expected, name
 
 
 def test_cleaning_counts_every_dropped_row_by_reason(sample_records):
-    rows, dropped = clean_records(sample_records, 5)
+    rows, dropped, _ = clean_records(sample_records, 5)
     assert len(rows) == len(sample_records) - 3
     assert dropped["duplicate_question"] == 1
     assert dropped["missing_answer"] == 1
@@ -40,7 +40,7 @@ def test_cleaning_counts_every_dropped_row_by_reason(sample_records):
 
 def test_cleaning_strips_and_normalises_to_nfc():
     decomposed = unicodedata.normalize("NFD", "  고혈압 환자에서 운동은 혈압을 낮추는가?  ")
-    rows, _ = clean_records(
+    rows, _, _ = clean_records(
         [{"QUESTION": decomposed, "CONTEXTS": "한 문단.", "LONG_ANSWER": "그렇다, 유의하게 낮춘다."}], 5
     )
     assert rows[0]["question"] == "고혈압 환자에서 운동은 혈압을 낮추는가?"
@@ -50,8 +50,8 @@ def test_cleaning_strips_and_normalises_to_nfc():
 
 def test_rows_without_an_id_get_a_stable_content_id():
     record = {"QUESTION": "당뇨병은 상처 치유를 늦추는가?", "CONTEXTS": [], "LONG_ANSWER": "그렇다, 늦춘다."}
-    first, _ = clean_records([record], 5)
-    second, _ = clean_records([dict(record)], 5)
+    first, _, _ = clean_records([record], 5)
+    second, _, _ = clean_records([dict(record)], 5)
     assert first[0]["id"] == second[0]["id"] and first[0]["id"].startswith("h")
 
 

@@ -2,12 +2,10 @@
 
 import csv
 import json
-import shutil
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import write_params
 from stages import modeling, paths, prepare, train
@@ -31,16 +29,21 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     assert [step for step, _ in eval_curve] == [8, 16, 24]
     base = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
     assert eval_curve[-1][1] < base["validation"]["loss"] - 0.05  # better than the untrained base
-    metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))
-    assert metrics["steps"] == 24 and metrics["backend"] == "transformers"
-    assert metrics["effective_batch_size"] == 4
-    assert metrics["eval_loss"]["last"] == _loss_curve("eval/loss")[-1][1]
-    assert metrics["eval_loss"]["best"] == min(loss for _, loss in _loss_curve("eval/loss"))
-    assert metrics["tokens_seen"] > 24 * 4 * 100 and metrics["tokens_per_s"] > 0
-    assert set(metrics["versions"]) >= {"torch", "transformers", "trl", "peft"}
+    metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))["train"]
+    info = json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))
+    cost = json.loads(paths.TRAIN_COST.read_text(encoding="utf-8"))["train"]
+    assert info["steps"] == 24 and info["backend"] == "transformers"
+    assert info["effective_batch_size"] == 4
+    assert metrics["eval_loss_last"] == eval_curve[-1][1]
+    assert metrics["eval_loss_best"] == min(loss for _, loss in eval_curve)
+    # train loss: the mean over every optimizer step (each logged here), as the curve shows
+    assert metrics["loss"] == pytest.approx(mean(curve), abs=1e-9)
+    assert info["tokens_seen"] > 24 * 4 * 100 and cost["tokens_per_s"] > 0
+    assert set(info["versions"]) >= {"torch", "transformers", "trl", "peft"}
     adapter_config = json.loads((paths.ADAPTER_DIR / "adapter_config.json").read_text())
-    assert adapter_config["r"] == 16 and set(adapter_config["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # sorted, so identical runs give a byte-identical adapter (PEFT keeps the names in a set)
+    assert adapter_config["r"] == 16 and adapter_config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert (paths.ADAPTER_DIR / "tokenizer.json").exists() and (paths.ADAPTER_DIR / "chat_template.jinja").exists()
 
 
@@ -86,52 +89,3 @@ def test_all_masked_data_stops_with_a_clear_message(workspace, capsys):
         train.main()
     assert "every answer token of data/prepared/train.jsonl is masked" in capsys.readouterr().err
     assert not paths.ADAPTER_DIR.exists()
-
-
-def _adapter_weights():
-    return load_file(paths.ADAPTER_DIR / "adapter_model.safetensors")
-
-
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(workspace, monkeypatch, caplog):
-    from trl import SFTTrainer
-
-    write_params(workspace, {"train.max_steps": 6, "train.save_steps": 2, "train.eval_steps": 3})
-    prepare.main()
-    train.main()
-    uninterrupted = _adapter_weights()
-
-    shutil.rmtree(paths.ADAPTER_DIR)
-    shutil.rmtree(paths.CHECKPOINT_DIR)
-    original_step = SFTTrainer.training_step
-
-    def crash_in_step_five(self, *args, **kwargs):
-        if self.state.global_step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(SFTTrainer, "training_step", crash_in_step_five)
-    with pytest.raises(KeyboardInterrupt):
-        train.main()
-    assert not paths.ADAPTER_DIR.exists()
-    assert sorted(p.name for p in paths.CHECKPOINT_DIR.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-
-    monkeypatch.setattr(SFTTrainer, "training_step", original_step)
-    with caplog.at_level("INFO", logger="stages.train"):
-        train.main()
-    assert "resuming from models/checkpoints/checkpoint-4" in caplog.text
-    resumed = _adapter_weights()
-    assert resumed.keys() == uninterrupted.keys()
-    for name, weight in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], weight, atol=1e-5, rtol=1e-4)
-
-
-def test_changed_params_start_fresh(workspace, caplog):
-    write_params(workspace, {"train.max_steps": 2, "train.save_steps": 2})
-    prepare.main()
-    train.main()
-    assert (paths.CHECKPOINT_DIR / "checkpoint-2").exists()
-    write_params(workspace, {"lora.r": 8})
-    with caplog.at_level("INFO", logger="stages.train"):
-        train.main()
-    assert "resuming" not in caplog.text
-    assert json.loads((paths.ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 8
