@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from tools.smoke import PROJECT_FILES, ROOT, set_key
+from tools.smoke import ROOT, set_key
 
 
 def parse_value(text: str):
@@ -30,13 +30,8 @@ def parse_value(text: str):
 
 def prepare_workspace(workspace: Path, overrides: dict) -> None:
     workspace.mkdir(parents=True, exist_ok=True)
-    # The project's files as in a checkout: train fingerprints dvc.yaml and its stage's code.
-    for name in PROJECT_FILES:
-        source, dest = ROOT / name, workspace / name
-        if source.is_dir():
-            shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.exists():
-            shutil.copy2(source, dest)
+    if not (workspace / "data/sample").exists():
+        shutil.copytree(ROOT / "data/sample", workspace / "data/sample")
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for key, value in overrides.items():
         set_key(params, key, value)
