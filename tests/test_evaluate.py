@@ -52,22 +52,55 @@ def test_batched_and_one_at_a_time_greedy_answers_are_the_same(pipeline_run, mer
     assert 0 < stats["mean_new_tokens"] <= eval_params.max_new_tokens
 
 
-EVAL_KEYS = {
-    "validation": {"loss", "perplexity", "n"},
-    "test": {"loss", "perplexity", "n", "rouge1", "rouge2", "rougeL"},
-    "generation": {"new_tokens_per_s", "mean_new_tokens"},
+QUALITY_KEYS = {
+    "validation": {"loss", "perplexity"},
+    "test": {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1", "cut_off"},
 }
+DELTA_KEYS = {"loss", "rouge1", "rouge2", "rougeL", "accuracy"}
 
 
-@pytest.mark.parametrize("name", ["eval.json", "eval_base.json"])
-def test_metrics_files_have_the_stable_schema(pipeline_run, name):
-    metrics = json.loads((pipeline_run / "metrics" / name).read_text(encoding="utf-8"))
-    for section, keys in EVAL_KEYS.items():
-        assert keys <= set(metrics[section]), section
-        assert all(isinstance(metrics[section][k], (int, float)) for k in keys)
-    assert metrics["test"]["n"] == 5 and metrics["validation"]["n"] == 5
-    assert all(0.0 <= metrics["test"][k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL"))
-    assert metrics["rouge_tokenizer"]["tokenizer"] == "morpheme"
+def _json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("name, top", [("eval.json", "tuned"), ("eval_base.json", "base")])
+def test_metrics_files_hold_only_quality_numbers_under_unique_names(pipeline_run, name, top):
+    metrics = _json(pipeline_run / "metrics" / name)
+    assert {section: set(keys) for section, keys in metrics[top].items()} == QUALITY_KEYS
+    assert all(isinstance(value, (int, float)) and not isinstance(value, bool)
+               for value in _flat(metrics).values())
+    assert all(0.0 <= metrics[top]["test"][k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL", "accuracy", "cut_off"))
+    assert set(metrics) == ({"tuned", "vs_base"} if top == "tuned" else {"base"})
+
+
+def test_metric_names_are_unique_across_files_and_cost_and_info_are_apart(pipeline_run):
+    names = [set(_flat(_json(pipeline_run / path))) for path in (
+        paths.EVAL_METRICS, paths.EVAL_BASE_METRICS, paths.EVAL_COST, paths.EVAL_BASE_COST)]
+    assert sum(len(n) for n in names) == len(set.union(*names))
+    for path, stage in ((paths.EVAL_COST, "evaluate"), (paths.EVAL_BASE_COST, "evaluate_base")):
+        cost = _json(pipeline_run / path)[stage]
+        assert cost["new_tokens_per_s"] > 0 and cost["batch_size"] == 8
+        assert set(cost["seconds"]) == {"loss", "decision", "generation"}
+    for path in (paths.EVAL_INFO, paths.EVAL_BASE_INFO):
+        info = _json(pipeline_run / path)
+        assert info["test"]["n"] == 5 and info["validation"]["n"] == 5
+        assert info["rouge"]["tokenizer"] == "morpheme" and info["generation"]["max_new_tokens"] == 24
+        assert info["decision"]["n"] + sum(info["decision"]["skipped"].values()) == 5
+
+
+def test_deltas_are_fine_tuned_minus_base_with_an_interval_around_them(pipeline_run):
+    tuned, base = _json(pipeline_run / paths.EVAL_METRICS), _json(pipeline_run / paths.EVAL_BASE_METRICS)
+    deltas = tuned["vs_base"]["test"]
+    assert set(deltas) == DELTA_KEYS
+    for name, delta in deltas.items():
+        assert delta["delta"] == pytest.approx(tuned["tuned"]["test"][name] - base["base"]["test"][name], abs=1e-9)
+        assert delta["ci_low"] <= delta["delta"] <= delta["ci_high"]
 
 
 def test_predictions_put_fine_tuned_and_base_answers_side_by_side(pipeline_run):
@@ -78,22 +111,40 @@ def test_predictions_put_fine_tuned_and_base_answers_side_by_side(pipeline_run):
     for record in records:
         assert record["question"] == test_rows[record["id"]]["question"]
         assert record["reference"] == test_rows[record["id"]]["answer"]
-        assert record["base_answer"] == base[record["id"]]["answer"]
-        assert record["base_rougeL"] == base[record["id"]]["rougeL"]
+        for field in ("answer", "rougeL", "answer_nll", "answer_tokens", "cut_off", "decision"):
+            assert record[f"base_{field}"] == base[record["id"]][field]
         assert {"answer", "rouge1", "rouge2", "rougeL"} <= set(record)
-    metrics = json.loads((pipeline_run / paths.EVAL_METRICS).read_text(encoding="utf-8"))
-    assert metrics["test"]["rougeL"] == pytest.approx(sum(r["rougeL"] for r in records) / len(records))
+    metrics = _json(pipeline_run / paths.EVAL_METRICS)["tuned"]["test"]
+    assert metrics["rougeL"] == pytest.approx(sum(r["rougeL"] for r in records) / len(records))
+    # The per-question answer losses add up to the test loss (a per-token mean).
+    nll, tokens = sum(r["answer_nll"] for r in records), sum(r["answer_tokens"] for r in records)
+    assert metrics["loss"] == pytest.approx(nll / tokens)
+    assert metrics["cut_off"] == sum(r["cut_off"] for r in records) / len(records)
 
 
-def test_report_has_the_headline_table_and_examples(pipeline_run):
+def test_plot_data_pairs_each_question_of_both_models(pipeline_run):
+    records = {r["id"]: r for r in read_jsonl(pipeline_run / paths.PREDICTIONS)}
+    decisions = _json(pipeline_run / paths.DECISION_PLOT)
+    assert len(decisions) == sum(r["decision"] is not None for r in records.values())
+    for row in decisions:
+        record = records[row["id"]]
+        assert (row["reference"], row["base"], row["fine_tuned"]) == (
+            record["reference_decision"], record["base_decision"], record["decision"])
+    assert _json(pipeline_run / paths.ROUGE_PLOT) == [
+        {"id": r["id"], "base": r["base_rougeL"], "fine_tuned": r["rougeL"]} for r in records.values()]
+
+
+def test_report_has_the_headline_table_and_the_questions_that_changed(pipeline_run):
     report = (pipeline_run / paths.REPORT).read_text(encoding="utf-8")
-    metrics = json.loads((pipeline_run / paths.EVAL_METRICS).read_text(encoding="utf-8"))
-    base = json.loads((pipeline_run / paths.EVAL_BASE_METRICS).read_text(encoding="utf-8"))
-    loss_line = next(line for line in report.splitlines() if line.startswith("| test loss |"))
-    assert f"{base['test']['loss']:.4f}" in loss_line and f"{metrics['test']['loss']:.4f}" in loss_line
-    assert "## Best 2 by fine-tuned ROUGE-L" in report and "## Worst 2 by fine-tuned ROUGE-L" in report
-    worst = min(read_jsonl(pipeline_run / paths.PREDICTIONS), key=lambda r: (r["rougeL"], r["id"]))
-    assert worst["question"] in report.split("## Worst")[1]
+    metrics = _json(pipeline_run / paths.EVAL_METRICS)
+    base = _json(pipeline_run / paths.EVAL_BASE_METRICS)["base"]
+    loss_line = next(line for line in report.splitlines() if line.startswith("| answer loss (nats/token) |"))
+    assert f"{base['test']['loss']:.4f}" in loss_line and f"{metrics['tuned']['test']['loss']:.4f}" in loss_line
+    assert f"{metrics['vs_base']['test']['loss']['delta']:+.3f}".replace("-", "\u2212") in loss_line
+    for section in ("Improved most", "Regressed most", "Decisions fixed", "Decisions broken"):
+        assert f"### {section}" in report
+    assert "**Base** (rows: reference" in report and "**Fine-tuned** (rows: reference" in report
+    assert "Small test set" in report and "commit `" in report
 
 
 def test_evaluate_without_its_inputs_says_what_to_run(workspace, capsys):

@@ -28,7 +28,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     eval_curve = _loss_curve("eval/loss")
     assert [step for step, _ in eval_curve] == [8, 16, 24]
     base = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
-    assert eval_curve[-1][1] < base["validation"]["loss"] - 0.05  # better than the untrained base
+    assert eval_curve[-1][1] < base["base"]["validation"]["loss"] - 0.05  # better than the untrained base
     metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))["train"]
     info = json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))
     cost = json.loads(paths.TRAIN_COST.read_text(encoding="utf-8"))["train"]

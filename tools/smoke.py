@@ -104,7 +104,7 @@ def main() -> None:
         raise SystemExit(f"smoke run failed: see the output above (workspace kept in {workspace})")
     metrics = json.loads((workspace / "metrics/eval.json").read_text(encoding="utf-8"))
     print(f"\nsmoke run done in {time.perf_counter() - started:.0f}s. Test metrics of the tiny model:")
-    print(json.dumps(metrics["test"], indent=2, ensure_ascii=False))
+    print(json.dumps(metrics["tuned"]["test"], indent=2, ensure_ascii=False))
     print(f"Report: {workspace}/metrics/report.md")
 
 
