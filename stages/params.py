@@ -150,7 +150,8 @@ class TrainParams(_Section):
     per_device_eval_batch_size: Int = Field(8, gt=0)
     completion_only_loss: bool = True
     gradient_checkpointing: bool = True
-    num_processes: Int = Field(1, ge=1, le=64)
+    num_processes: Int = Field(1, ge=1, le=4096)
+    accelerate_config: Optional[str] = Field(None, min_length=1)
 
 
 class MergeParams(_Section):

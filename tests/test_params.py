@@ -32,6 +32,7 @@ def test_shipped_params_are_the_reference_recipe():
     assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (12, 1)
     assert (train.learning_rate, train.warmup_steps, train.max_steps) == (2e-4, 5, 60)
     assert (train.optim, train.lr_scheduler_type, train.eval_steps) == ("adamw_8bit", "linear", 10)
+    assert (train.num_processes, train.accelerate_config) == (1, None)  # one GPU of this machine
     assert params.eval.rouge_tokenizer == "morpheme" and params.eval.max_new_tokens == 256
 
 
@@ -47,6 +48,7 @@ def test_shipped_params_are_the_reference_recipe():
         ("data.val_size", 0.95, "val_size + test_size = 1.05"),
         ("data.test_size", 2.5, "a row count must be a whole number"),
         ("eval.rouge_tokenizer", "default", "eval.rouge_tokenizer = 'default'"),
+        ("train.accelerate_config", "", "train.accelerate_config = ''"),
     ],
 )
 def test_bad_values_name_the_key_and_value(raw, key, value, expected):
