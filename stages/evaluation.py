@@ -58,7 +58,12 @@ def answer_loss(model, tokenizer, rows: list[dict], batch_size: int) -> dict[str
             logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
             total_loss += F.cross_entropy(logits, targets[scored], reduction="sum").item()
             total_tokens += int(scored.sum())
-    loss = total_loss / max(total_tokens, 1)
+    if total_tokens == 0:  # a mean over nothing: loss 0 and perplexity 1 would read as a perfect model
+        raise UserError(
+            f"no answer token to score in {len(rows)} prepared rows (an empty split, or every answer cut "
+            "off); rerun `dvc repro prepare`"
+        )
+    loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(rows), "answer_tokens": total_tokens}
 
 
