@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from stages.errors import UserError
-from stages.records import clean_records, content_hash, read_records, split_counts, split_rows
+from stages.records import DROP_REASONS, clean_records, content_hash, read_records, split_counts, split_rows
 
 
 def test_every_local_format_reads_the_same_rows(tmp_path, sample_records):
@@ -38,6 +38,46 @@ def test_cleaning_counts_every_dropped_row_by_reason(sample_records):
     assert len({r["question"] for r in rows}) == len(rows)
 
 
+def _qa(question, answer, **extra):
+    return {"QUESTION": question, "CONTEXTS": ["문단."], "LONG_ANSWER": answer, **extra}
+
+
+def test_every_drop_reason_is_counted_on_its_own():
+    # A different number of rows for each reason, so a count credited to the wrong reason shows.
+    records = [_qa(f"당뇨병 환자 {i}번은 회복이 느린가?", "그렇다, 느리다.", pubid=str(i)) for i in range(3)]
+    records += [_qa(None, "그렇다, 느리다.", pubid="q0"), _qa("   ", "그렇다.", pubid="q1")]  # missing_question: 2
+    records += [_qa(f"답이 없는 질문 {i}?", bad, pubid=f"a{i}") for i, bad in enumerate([None, "", 7])]  # 3
+    records += [_qa("짧다?", "충분히 긴 답변.", pubid=f"s{i}") for i in range(4)]  # short_question: 4 (3 chars)
+    records += [_qa(f"충분히 긴 질문 {i}?", "짧다", pubid=f"t{i}") for i in range(5)]  # short_answer: 5
+    # duplicate_id: 1, the same pubid as row 0 with another question; duplicate_question: 6, new ids.
+    records += [_qa("전혀 다른 질문인가?", "그렇다, 다르다.", pubid="0")]
+    records += [_qa("당뇨병 환자 1번은 회복이 느린가?", "아니다, 빠르다.", pubid=f"d{i}") for i in range(6)]
+    rows, dropped = clean_records(records, min_chars=5)
+    assert dropped == {"missing_question": 2, "missing_answer": 3, "short_question": 4, "short_answer": 5,
+                       "duplicate_id": 1, "duplicate_question": 6, "too_long": 0}
+    assert set(dropped) == set(DROP_REASONS)
+    assert [r["id"] for r in rows] == ["0", "1", "2"]  # the first of each duplicate is the one kept
+    assert rows[0]["question"] == "당뇨병 환자 0번은 회복이 느린가?"
+
+
+def test_min_chars_is_inclusive():
+    rows, dropped = clean_records([_qa("다섯글자?", "다섯글자.", id="x"), _qa("넷글자", "다섯글자.", id="y")], 5)
+    assert [r["id"] for r in rows] == ["x"] and dropped["short_question"] == 1
+
+
+def test_the_first_id_column_present_is_used():
+    rows, _ = clean_records([_qa("고혈압은 유전되는가?", "일부 그렇다.", pubid="123", id="x", ID="y"),
+                             _qa("비만은 유전되는가?", "일부 그렇다.", id="", ID="z"),
+                             _qa("흡연은 유전되는가?", "아니다, 아니다.", id=0)], 5)
+    assert [r["id"] for r in rows] == ["123", "z", "0"]
+
+
+def test_final_decision_is_kept_normalised():
+    rows, _ = clean_records([_qa("고혈압은 유전되는가?", "일부 그렇다.", final_decision=" YES "),
+                             _qa("비만은 유전되는가?", "일부 그렇다.")], 5)
+    assert rows[0]["final_decision"] == "yes" and "final_decision" not in rows[1]
+
+
 def test_cleaning_strips_and_normalises_to_nfc():
     decomposed = unicodedata.normalize("NFD", "  고혈압 환자에서 운동은 혈압을 낮추는가?  ")
     rows, _ = clean_records(
@@ -53,6 +93,13 @@ def test_rows_without_an_id_get_a_stable_content_id():
     first, _ = clean_records([record], 5)
     second, _ = clean_records([dict(record)], 5)
     assert first[0]["id"] == second[0]["id"] and first[0]["id"].startswith("h")
+    # The id comes from the content: another question or another answer gives another id, and
+    # an exact repeat the same id, so it is dropped as a duplicate.
+    other_answer, _ = clean_records([{**record, "LONG_ANSWER": "아니다, 늦추지 않는다."}], 5)
+    assert other_answer[0]["id"] != first[0]["id"]
+    rows, dropped = clean_records([record, {**record, "QUESTION": "비만은 상처 치유를 늦추는가?"}, dict(record)], 5)
+    assert rows[0]["id"] == first[0]["id"] != rows[1]["id"]
+    assert len(rows) == 2 and dropped["duplicate_id"] == 1 and dropped["duplicate_question"] == 0
 
 
 def test_bad_inputs_fail_with_one_clear_message(tmp_path):
