@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages.errors import UserError
 from stages.params import load_params, parse_params
@@ -39,6 +40,8 @@ def test_shipped_params_are_the_reference_recipe():
     "key, value, expected",
     [
         ("lora.r", 0, "lora.r = 0"),
+        ("lora.dropout", 1.0, "lora.dropout = 1.0: Input should be less than 1"),
+        ("lora.dropout", -0.1, "lora.dropout = -0.1: Input should be greater than or equal to 0"),
         ("train.learning_rate", -1.0, "train.learning_rate = -1.0"),
         ("train.learning_rate", "fast", "train.learning_rate = 'fast'"),
         ("model.max_seq_length", 32, "model.max_seq_length = 32"),
@@ -76,8 +79,9 @@ def test_yaml_exponent_without_dot_still_parses_as_a_number(raw):
 
 def test_params_are_frozen(raw):
     params = parse_params(raw)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.lora.r = 8
+    assert params.lora.r == 16
 
 
 def test_a_stage_reports_bad_params_in_one_line_and_exits_non_zero(tmp_path, raw):
