@@ -51,6 +51,43 @@ def test_unsloth_is_never_imported_on_cpu(pipeline_run):
         modeling.choose_backend("unsloth")
 
 
+@pytest.mark.parametrize(
+    "requested, cuda, unsloth_installed, processes, expected",
+    [
+        ("auto", True, True, 1, "unsloth"),
+        ("auto", True, False, 1, "transformers"),
+        ("auto", False, True, 1, "transformers"),
+        ("auto", True, True, 2, "transformers"),
+        ("unsloth", True, True, 1, "unsloth"),
+        ("transformers", True, True, 1, "transformers"),
+        ("unsloth", False, True, 1, "model.backend = unsloth needs a CUDA GPU"),
+        ("unsloth", True, False, 1, "unsloth is not installed: pip install -e '.[gpu]'"),
+        ("unsloth", True, True, 2, "trains on one GPU only; with train.num_processes = 2"),
+    ],
+)
+def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, unsloth_installed, processes, expected):
+    # The GPU machine's decisions, taken on this CPU: CUDA and an installed unsloth are what
+    # choose_backend looks at, and both are faked here; nothing is imported.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "unsloth":
+            return real_find_spec("json") if unsloth_installed else None  # any spec stands for "installed"
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(modeling, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    if expected in ("unsloth", "transformers"):
+        assert modeling.choose_backend(requested, processes) == expected
+    else:
+        with pytest.raises(UserError) as error:
+            modeling.choose_backend(requested, processes)
+        assert expected in str(error.value) and "\n" not in str(error.value)
+    assert "unsloth" not in sys.modules
+
+
 def test_4bit_on_a_cpu_says_a_gpu_is_needed(workspace):
     write_params(workspace, {"model.load_in_4bit": True})
     with pytest.raises(UserError, match="needs a CUDA GPU.*make smoke"):
