@@ -13,7 +13,7 @@ from conftest import write_params
 from stages import modeling, paths, prepare, train
 from stages.errors import UserError
 from stages.params import load_params
-from stages.prompt import IGNORE_INDEX, encode
+from stages.prompt import IGNORE_INDEX, build_messages, encode
 
 
 def _loss_curve(name="train/loss"):
@@ -41,7 +41,11 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     adapter_config = json.loads((paths.ADAPTER_DIR / "adapter_config.json").read_text())
     assert adapter_config["r"] == 16 and set(adapter_config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert (paths.ADAPTER_DIR / "tokenizer.json").exists() and (paths.ADAPTER_DIR / "chat_template.jinja").exists()
+    # The adapter carries the training tokenizer: the same vocabulary and the same rendered chat.
+    saved, trained_with = modeling.load_tokenizer(str(paths.ADAPTER_DIR)), modeling.load_tokenizer("models/tiny-base")
+    chat = build_messages("시스템", "질문?", ["문단."], True, "답변입니다.")
+    assert saved.get_vocab() == trained_with.get_vocab() and saved.pad_token == trained_with.pad_token
+    assert saved.apply_chat_template(chat, tokenize=False) == trained_with.apply_chat_template(chat, tokenize=False)
 
 
 def test_unsloth_is_never_imported_on_cpu(pipeline_run):
@@ -113,6 +117,35 @@ def test_prompt_tokens_are_masked_in_real_training_batches(workspace, tiny_token
         assert not answer[:n_prompt].any() and answer[n_prompt:].all()
         assert torch.equal(labels[:n_real][answer], input_ids[:n_real][answer])
         assert (labels[n_real:] == IGNORE_INDEX).all()  # padding never counts
+
+
+@pytest.mark.parametrize("completion_only_loss", [False, True])
+def test_train_computes_the_loss_on_the_tokens_completion_only_loss_says(workspace, monkeypatch, completion_only_loss):
+    from trl import SFTTrainer
+
+    write_params(workspace, {"train.completion_only_loss": completion_only_loss, "train.max_steps": 1,
+                             "train.eval_steps": 1, "train.save_steps": 1})
+    prepare.main()
+    seen, original = [], SFTTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):  # every batch the loss is computed on
+        seen.append({key: inputs[key].detach().clone() for key in ("input_ids", "labels", "attention_mask")})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", recording)
+    train.main()
+    assert len(seen) >= 2  # a training step and the validation batches
+    for batch in seen:
+        for input_ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            n_real = int(mask.sum())
+            target = labels[:n_real] != IGNORE_INDEX
+            assert torch.equal(labels[:n_real][target], input_ids[:n_real][target])
+            assert (labels[n_real:] == IGNORE_INDEX).all()  # padding never counts
+            if completion_only_loss:  # a masked prompt, then the answer
+                n_prompt = int((~target).sum())
+                assert n_prompt > 0 and not target[:n_prompt].any() and target[n_prompt:].all()
+            else:  # every real token is a target, the prompt's included
+                assert target.all()
 
 
 def test_all_masked_data_stops_with_a_clear_message(workspace, capsys):
