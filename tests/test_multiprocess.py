@@ -1,5 +1,6 @@
 """Data-parallel training: two gloo processes equal one process with the same effective batch."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -40,7 +41,9 @@ def test_two_processes_train_the_same_adapter_as_one(workspace):
     assert any(w.abs().max() > 0 for w in single_weights.values())
     for name, weight in single_weights.items():
         torch.testing.assert_close(parallel_weights[name], weight, atol=1e-5, rtol=1e-4)
-    assert (paths.DVCLIVE_TRAIN_DIR / "plots/metrics/train/loss.tsv").exists()
+    with open(paths.DVCLIVE_TRAIN_DIR / "plots/metrics/train/loss.tsv", encoding="utf-8") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle, delimiter="\t")]
+    assert steps == [1, 2]  # one process writes the curves: each step once
 
 
 def test_unsloth_refuses_several_processes_in_one_line():
