@@ -10,7 +10,7 @@ import torch
 from conftest import write_params
 from stages import paths
 from stages.errors import UserError
-from stages.evaluation import answer_loss, generate_answers
+from stages.evaluation import _batches, answer_loss, generate_answers, read_split, stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.outputs import read_jsonl
 from stages.params import load_params
@@ -54,8 +54,52 @@ def test_loss_equals_a_manual_computation(pipeline_run, merged):
     assert measured["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def test_no_answer_token_is_an_error_not_a_perfect_score(merged):
-    model, tokenizer = merged
+def test_batches_cover_every_item_once_in_order():
+    assert list(_batches(list("abcde"), 2)) == [["a", "b"], ["c", "d"], ["e"]]
+    assert list(_batches(list("abcd"), 4)) == [["a", "b", "c", "d"]]
+    assert list(_batches([], 3)) == []
+
+
+@pytest.mark.parametrize("configured", [None, 5, [5, 7]])
+def test_generation_stops_at_end_of_turn_end_of_text_and_the_models_own_eos(tiny_tokenizer, configured):
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=configured))
+    eot, end = tiny_tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert tiny_tokenizer.eos_token == "<|eot_id|>"
+    own = [] if configured is None else [configured] if isinstance(configured, int) else configured
+    assert stop_token_ids(model, tiny_tokenizer) == sorted({eot, *own})
+    assert end not in stop_token_ids(model, tiny_tokenizer)  # only when the model's config names it
+
+
+def test_stop_tokens_skip_what_the_tokenizer_does_not_know(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=None))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.unk_token = "<|end_of_text|>"  # a vocabulary without <|eot_id|> maps it to unk
+    tokenizer.eos_token = None
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert stop_token_ids(model, tokenizer) == [eot]
+    tokenizer.unk_token = "<|eot_id|>"
+    assert stop_token_ids(model, tokenizer) == []
+
+
+def test_a_missing_split_says_to_run_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^data/prepared/test.jsonl is missing; run `dvc repro prepare` first$"):
+        read_split("test")
+    paths.split_file("test").parent.mkdir(parents=True)
+    paths.split_file("test").write_text('{"id": "a"}\n{"id": "b"}\n', encoding="utf-8")
+    assert read_split("test") == [{"id": "a"}, {"id": "b"}]
+
+
+def test_no_answer_token_is_an_error_not_a_perfect_score(tiny_model, tiny_tokenizer):
+    model, tokenizer = load_for_inference(str(tiny_model), "model.name"), tiny_tokenizer
     with pytest.raises(UserError, match=r"no answer token to score in 0 prepared rows") as error:
         answer_loss(model, tokenizer, [], batch_size=4)
     assert "\n" not in str(error.value)

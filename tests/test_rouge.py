@@ -65,7 +65,11 @@ def test_hangul_is_never_dropped(kind):
 
 def test_normalisation_folds_width_and_case():
     tokenizer = KoreanTokenizer("whitespace")
-    assert tokenizer.tokenize("ＣＯＶＩＤ １９ 환자") == tokenizer.tokenize("covid 19 환자")
+    assert tokenizer.tokenize("ＣＯＶＩＤ １９ 환자") == tokenizer.tokenize("covid 19 환자") == ["covid", "19", "환자"]
+
+
+def test_morphemes_are_the_default():
+    assert KoreanTokenizer().kind == "morpheme" and RougeScorer().kind == "morpheme"
 
 
 def test_the_mean_is_the_plain_mean_of_examples():
@@ -74,12 +78,23 @@ def test_the_mean_is_the_plain_mean_of_examples():
 
 
 def test_the_mean_of_no_examples_is_an_error_not_a_zero_score():
-    with pytest.raises(UserError, match="no answers to score with ROUGE") as error:
+    with pytest.raises(UserError, match="^no answers to score with ROUGE: the test split is empty; "
+                                        "rerun `dvc repro prepare`$") as error:
         mean_scores([])
     assert "\n" not in str(error.value)
 
 
 def test_the_scorer_records_what_produced_the_numbers():
-    info = RougeScorer("morpheme").describe()
-    assert info["tokenizer"] == "morpheme"
-    assert info["kiwipiepy"] != "unknown" and info["kiwipiepy_model"] != "unknown"
+    from importlib.metadata import version
+
+    assert RougeScorer("morpheme").describe() == {
+        "tokenizer": "morpheme", "rouge_score": version("rouge-score"), "kiwipiepy": version("kiwipiepy"),
+        "kiwipiepy_model": version("kiwipiepy_model")}
+    assert RougeScorer("char").describe() == {"tokenizer": "char", "rouge_score": version("rouge-score")}
+    assert "unknown" not in RougeScorer("morpheme").describe().values()
+
+
+def test_a_package_without_metadata_is_unknown():
+    from stages.rouge import _version
+
+    assert _version("no-such-package-for-this-test") == "unknown"
