@@ -3,6 +3,7 @@
 #   make repro   install with the GPU extra and run the whole pipeline (`dvc repro`, CUDA + hub)
 # and a third to see the pipeline work on a CPU before renting a GPU:
 #   make smoke   the whole pipeline on a tiny local model and the shipped Korean sample
+# (`make mutate` runs mutation testing by hand: README, Development.)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install install-gpu test repro smoke clean-smoke
+.PHONY: install install-gpu test repro smoke clean-smoke mutate
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,13 @@ test: install
 
 repro: install-gpu
 	$(VENV)/bin/dvc repro
+
+# Mutation testing of the pure modules (pyproject.toml [tool.mutmut]), by hand, never in CI:
+# one worker, as the fast unit tests are cheap and the machine is shared. Prints the score table.
+mutate: install
+	$(PIP) -e '.[test,mutate]'
+	$(VENV)/bin/mutmut run --max-children 1
+	$(VENV)/bin/mutmut results --all true | $(PY) -m tools.mutation_score
 
 smoke: install
 	$(PY) -m tools.smoke

@@ -71,7 +71,12 @@ def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int)
 def loss_summary(per_row: list[tuple[float, int]]) -> dict[str, float]:
     """Mean cross-entropy per answer token over rows of (sum of log-probabilities, tokens)."""
     total_tokens = sum(count for _, count in per_row)
-    loss = -sum(total for total, _ in per_row) / max(total_tokens, 1)
+    if total_tokens == 0:  # a mean over nothing: loss 0 and perplexity 1 would read as a perfect model
+        raise UserError(
+            f"no answer token to score in {len(per_row)} prepared rows (an empty split, or every answer cut "
+            "off); rerun `dvc repro prepare`"
+        )
+    loss = -sum(total for total, _ in per_row) / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(per_row), "answer_tokens": total_tokens}
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training: two gloo processes, on one "machine" or on two, equal one process with the
 same effective batch; the launch's mistakes are one line each."""
 
+import csv
 import json
 import shutil
 import socket
