@@ -66,7 +66,7 @@ def test_rows_that_cannot_fit_are_dropped_and_counted(workspace, sample_records,
     write_params(workspace, {"model.max_seq_length": limit, "data.include_contexts": False})
     prepare.main()
     params = load_params()
-    cleaned, _ = clean_records(sample_records, params.data.min_chars)
+    cleaned, _, _ = clean_records(sample_records, params.data.min_chars)
     chat_tokens = {row["id"]: len(tiny_tokenizer.apply_chat_template(
         build_messages(params.prompt.system, row["question"], [], False, row["answer"]), tokenize=True,
         return_dict=False)) for row in cleaned}

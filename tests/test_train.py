@@ -59,20 +59,18 @@ def test_unsloth_is_never_imported_on_cpu(pipeline_run):
 
 
 @pytest.mark.parametrize(
-    "requested, cuda, unsloth_installed, processes, expected",
+    "requested, cuda, unsloth_installed, expected",
     [
-        ("auto", True, True, 1, "unsloth"),
-        ("auto", True, False, 1, "transformers"),
-        ("auto", False, True, 1, "transformers"),
-        ("auto", True, True, 2, "transformers"),
-        ("unsloth", True, True, 1, "unsloth"),
-        ("transformers", True, True, 1, "transformers"),
-        ("unsloth", False, True, 1, "model.backend = unsloth needs a CUDA GPU"),
-        ("unsloth", True, False, 1, "unsloth is not installed: pip install -e '.[gpu]'"),
-        ("unsloth", True, True, 2, "trains on one GPU only; with train.num_processes = 2"),
+        ("auto", True, True, "unsloth"),  # one process or several (unsloth trains under DDP too)
+        ("auto", True, False, "transformers"),
+        ("auto", False, True, "transformers"),
+        ("unsloth", True, True, "unsloth"),
+        ("transformers", True, True, "transformers"),
+        ("unsloth", False, True, "model.backend = unsloth needs a CUDA GPU"),
+        ("unsloth", True, False, "unsloth is not installed: pip install -e '.[gpu]'"),
     ],
 )
-def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, unsloth_installed, processes, expected):
+def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, unsloth_installed, expected):
     # The GPU machine's decisions, taken on this CPU: CUDA and an installed unsloth are what
     # choose_backend looks at, and both are faked here; nothing is imported.
     import importlib.util
@@ -87,10 +85,10 @@ def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, un
     monkeypatch.setattr(modeling, "cuda_available", lambda: cuda)
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     if expected in ("unsloth", "transformers"):
-        assert modeling.choose_backend(requested, processes) == expected
+        assert modeling.choose_backend(requested) == expected
     else:
         with pytest.raises(UserError) as error:
-            modeling.choose_backend(requested, processes)
+            modeling.choose_backend(requested)
         assert expected in str(error.value) and "\n" not in str(error.value)
     assert "unsloth" not in sys.modules
 
