@@ -57,12 +57,15 @@ def test_more_resamples_than_one_chunk_are_all_used():
     many = paired_bootstrap(tuned, base, samples=2500, seed=0)
     fewer = paired_bootstrap(tuned, base, samples=1000, seed=0)
     assert many["delta"] == fewer["delta"] and many["ci_low"] != fewer["ci_low"]
+    # exactly as many as asked: the last, partial chunk is not drawn whole
+    more = paired_bootstrap(tuned, base, samples=3000, seed=0)
+    assert (many["ci_low"], many["ci_high"]) != (more["ci_low"], more["ci_high"])
 
 
 def test_mismatched_or_empty_inputs_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"equally long, non-empty lists .*; got \(2,\), \(1,\)"):
         paired_bootstrap([1.0, 2.0], [1.0], samples=100, seed=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"non-empty"):
         paired_bootstrap([], [], samples=100, seed=0)
 
 
@@ -85,3 +88,22 @@ def test_paired_deltas_cover_every_headline_metric_and_skip_undecided_rows():
     assert deltas["accuracy"]["ci_low"] == 0.0 and deltas["accuracy"]["ci_high"] == 1.0
     no_decisions = [dict(r, decision=None) for r in records]
     assert "accuracy" not in paired_deltas(no_decisions, samples=200, seed=0)
+
+
+def test_the_interval_is_the_central_95_percent_of_the_resampled_differences():
+    # A symmetric spread of 401 differences: the resampled mean is close to normal, so the 2.5th and
+    # 97.5th percentiles sit at -/+1.96 standard errors; a 3.5th percentile would sit at -1.81.
+    differences = np.linspace(-1.0, 1.0, 401)
+    standard_error = np.std(differences) / np.sqrt(len(differences))
+    result = paired_bootstrap(differences, np.zeros_like(differences), samples=20_000, seed=11)
+    assert result["delta"] == pytest.approx(0.0, abs=1e-12)
+    assert result["ci_low"] / standard_error == pytest.approx(-1.96, abs=0.06)
+    assert result["ci_high"] / standard_error == pytest.approx(1.96, abs=0.06)
+
+
+def test_paired_deltas_are_seeded_from_the_run_seed():
+    rng = np.random.default_rng(2)
+    records = [_record(i, *rng.uniform(0, 1, 2), "yes", "no" if i % 3 else "yes") for i in range(30)]
+    first = paired_deltas(records, samples=500, seed=3407)
+    assert first == paired_deltas(records, samples=500, seed=3407)  # the same run, the same intervals
+    assert first["rougeL"] != paired_deltas(records, samples=500, seed=1)["rougeL"]
