@@ -34,28 +34,31 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int) -> list[tuple[float, int]]:
+def completion_logprobs(model, tokenizer, examples: list[dict], batch_size) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each example's labelled tokens, in input order.
 
     `examples` are `tokenize_example` outputs: prompt tokens masked, completion tokens scored.
     Logits are computed only at scored positions: a full 128k-vocabulary logits tensor for a
-    batch of 2k-token rows would need many GB.
+    batch of 2k-token rows would need many GB. `batch_size`: rows per pass, or "auto".
     """
     import torch
     import torch.nn.functional as F
 
+    from stages.memory import scoring_rows
+
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    device = model.device
+    device, longest = model.device, max((len(e["input_ids"]) for e in examples), default=1)
     with torch.inference_mode():
-        for batch in _batches(order, batch_size):
+        for batch in _batches(order, scoring_rows(model, longest, batch_size)):
             width = max(len(examples[i]["input_ids"]) for i in batch)
             pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
             input_ids = torch.tensor([pad(examples[i]["input_ids"], tokenizer.pad_token_id) for i in batch],
                                      device=device)
             labels = torch.tensor([pad(examples[i]["labels"], IGNORE_INDEX) for i in batch], device=device)
             attention_mask = torch.tensor([pad([1] * len(examples[i]["input_ids"]), 0) for i in batch], device=device)
-            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state  # a KV cache would only take memory
             # Position t predicts token t+1.
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
@@ -102,56 +105,81 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: int) -> tuple[list[str], dict]:
-    """Answer each prompt: batched, left-padded, greedy unless eval.do_sample. Keeps input order."""
+def fast_path_refusal(model, eval_params) -> str | None:
+    """Why answers go through transformers' generate instead of stages/decoding.py, or None."""
+    from stages.decoding import unsupported
+
+    if eval_params.decoder == "generate":
+        return "eval.decoder = generate"
+    if eval_params.do_sample:
+        return "eval.do_sample = true (the fast loop is greedy)"
+    return unsupported(model)
+
+
+def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: int, caps: list[int] | None = None
+                     ) -> tuple[list[str], dict]:
+    """Answer each prompt, greedy unless eval.do_sample, in input order; `caps` (default
+    eval.max_new_tokens each) bounds each answer's tokens."""
+    from stages.decoding import CHECK_EVERY, SlotDecoder
+    from stages.memory import answer_plan
+
+    encoded = [encode(tokenizer, prompt) for prompt in prompts]
+    caps = caps or [eval_params.max_new_tokens] * len(prompts)
+    stop_ids, longest = stop_token_ids(model, tokenizer), max((len(ids) for ids in encoded), default=1)
+    max_len = -(-(longest + max(caps, default=1) + CHECK_EVERY) // 256) * 256  # a few widths: graphs reused
+    refusal = fast_path_refusal(model, eval_params)
+    temperature, top_p = eval_params.temperature, eval_params.top_p  # read always: dvc.yaml lists them
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
+        if eval_params.do_sample else {"do_sample": False, "temperature": None, "top_p": None}
+    slots, prefill_tokens = answer_plan(model, len(prompts), longest, max_len, eval_params.batch_size)
+    started = time.perf_counter()
+    if refusal is None:
+        tokens, decoded = SlotDecoder(model, slots, max_len, prefill_tokens).run(encoded, caps, stop_ids)
+        cut_off, warmup_s = decoded.cut_off, decoded.warmup_s
+    else:
+        log.info("answers through transformers' generate: %s", refusal)
+        tokens, cut_off = generate_batched(model, tokenizer, encoded, caps, stop_ids, slots, sampling, seed)
+        warmup_s = 0.0
+    seconds = time.perf_counter() - started
+    new_tokens = sum(len(t) for t in tokens)
+    answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    stats = {
+        "new_tokens_per_s": round(new_tokens / seconds, 1) if seconds else 0.0,
+        "mean_new_tokens": new_tokens / max(len(prompts), 1),
+        "batch_size": slots, "warmup_s": round(warmup_s, 2),
+        "decoder": "fast" if refusal is None else "generate", "cut_off": cut_off,
+    }
+    return answers, stats
+
+
+def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int], stop_ids: list[int],
+                     batch_size: int, sampling: dict, seed: int) -> tuple[list[list[int]], list[bool]]:
+    """transformers' generate: batches of similar length, left-padded, with `sampling`'s settings."""
     import torch
     from tqdm.auto import tqdm
     from transformers import set_seed
 
     set_seed(seed)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers, cut_off, new_tokens = [""] * len(prompts), [False] * len(prompts), 0
-    do_sample, temperature, top_p = eval_params.do_sample, eval_params.temperature, eval_params.top_p
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
-        if do_sample else {"do_sample": False, "temperature": None, "top_p": None}
-    stop_ids = stop_token_ids(model, tokenizer)
-    started = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(prompts), desc="generating", unit="answer") as bar:
-        for batch in _batches(order, eval_params.batch_size):
-            encoded = [encode(tokenizer, prompts[i]) for i in batch]
-            width = max(len(ids) for ids in encoded)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    answers, cut_off = [[] for _ in encoded], [False] * len(encoded)
+    with torch.inference_mode(), tqdm(total=len(encoded), desc="generating", unit="answer") as bar:
+        for batch in _batches(order, batch_size):
+            width = max(len(encoded[i]) for i in batch)
             # Left padding: every prompt ends where generation starts.
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded])
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in batch])
+            attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch])
             output = model.generate(
-                input_ids=input_ids.to(model.device),
-                attention_mask=attention_mask.to(model.device),
-                max_new_tokens=eval_params.max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                top_k=None,
-                # A static KV cache lets generate() compile the decoding step on a GPU.
-                cache_implementation="static" if eval_params.cache == "static" else None,
-                **sampling,
+                input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                max_new_tokens=max(caps[i] for i in batch), eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling,
             )
             for i, generated in zip(batch, output[:, width:].tolist()):
-                kept, stopped = [], False
-                for token in generated:
-                    if token in stop_ids:
-                        stopped = True
-                        break
-                    kept.append(token)
-                new_tokens += len(kept)
-                cut_off[i] = not stopped  # ran into max_new_tokens before its end of turn
-                answers[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                generated = generated[:caps[i]]
+                ends = [k for k, token in enumerate(generated) if token in stop_ids]
+                answers[i] = generated[: ends[0]] if ends else generated
+                cut_off[i] = not ends  # ran into its cap before its end of turn
             bar.update(len(batch))
-    seconds = time.perf_counter() - started
-    stats = {
-        "new_tokens_per_s": round(new_tokens / seconds, 1) if seconds else 0.0,
-        "mean_new_tokens": new_tokens / max(len(prompts), 1),
-        "cut_off": cut_off,
-    }
-    return answers, stats
+    return answers, cut_off
 
 
 def score_decisions(model, tokenizer, rows: list[dict], params) -> tuple[list[dict | None], dict[str, int]]:
@@ -171,6 +199,15 @@ def score_decisions(model, tokenizer, rows: list[dict], params) -> tuple[list[di
         by_id[row["id"]] = {"decision": choose(per_option), "option_logprobs": per_option}
     option_tokens = {label: logprobs[j][1] for j, label in enumerate(labels)} if scored else {}
     return [by_id.get(row["id"]) for row in rows], option_tokens
+
+
+def peak_memory(model) -> dict:
+    """The most GPU memory this process allocated (weights included), when on a GPU."""
+    import torch
+
+    if model.device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 @dataclass(frozen=True)
@@ -222,19 +259,21 @@ def evaluate_model(model, tokenizer, params) -> Evaluation:
         "test": {**{key: test_loss[key] for key in ("loss", "perplexity")}, **mean_scores(predictions),
                  "cut_off": sum(generation["cut_off"]) / len(test), **decision_quality},
     }
-    log.info("test ROUGE-1/2/L %.4f/%.4f/%.4f, decision accuracy %s; %.1f new tokens/s",
+    log.info("test ROUGE-1/2/L %.4f/%.4f/%.4f, decision accuracy %s; %.1f new tokens/s (%s, %d at once)",
              quality["test"]["rouge1"], quality["test"]["rouge2"], quality["test"]["rougeL"],
-             decision_quality.get("accuracy", "n/a"), generation["new_tokens_per_s"])
+             decision_quality.get("accuracy", "n/a"), generation["new_tokens_per_s"], generation["decoder"],
+             generation["batch_size"])
     info = {
         "validation": {key: validation_loss[key] for key in ("n", "answer_tokens")},
         "test": {key: test_loss[key] for key in ("n", "answer_tokens")},
         "decision": {**decision_info, "option_tokens": option_tokens},
         "generation": {"mean_new_tokens": generation["mean_new_tokens"], "cut_off": sum(generation["cut_off"]),
-                       "max_new_tokens": eval_params.max_new_tokens},
+                       "max_new_tokens": eval_params.max_new_tokens, "decoder": generation["decoder"]},
         "rouge": scorer.describe(),
     }
     cost = {
-        "new_tokens_per_s": generation["new_tokens_per_s"], "batch_size": eval_params.batch_size,
-        "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+        "new_tokens_per_s": generation["new_tokens_per_s"], "batch_size": generation["batch_size"],
+        "warmup_s": generation["warmup_s"], "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+        **peak_memory(model),
     }
     return Evaluation(quality, cost, info, predictions)

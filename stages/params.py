@@ -159,10 +159,11 @@ class MergeParams(_Section):
 
 
 class EvalParams(_Section):
-    batch_size: Int = Field(16, gt=0)
+    # "auto": as many answers at once as free GPU memory holds (stages/evaluation.py); a number: that many.
+    batch_size: Union[Literal["auto"], Annotated[Int, Field(gt=0)]] = "auto"
     max_new_tokens: Int = Field(256, gt=0)
     do_sample: bool = False
-    cache: Literal["dynamic", "static"] = "dynamic"
+    decoder: Literal["fast", "generate"] = "fast"
     temperature: Float = Field(0.7, gt=0)
     top_p: Float = Field(0.9, gt=0, le=1)
     rouge_tokenizer: Literal["morpheme", "whitespace", "char"] = "morpheme"
