@@ -4,8 +4,9 @@
 
 Reads models/adapter/ and `model.base_16bit` (hub id or local folder; a local folder touches
 no network); writes models/merged/ (safetensors shards, config, generation config, tokenizer
-with its chat template). Runs on the CPU, without unsloth: the real 8B recipe needs about 16 GB
-of free memory and 16 GB of disk, checked before anything is loaded.
+with its chat template). Without unsloth; on the GPU when its free memory holds the 16-bit
+weights, else on the CPU: the real 8B recipe needs about 16 GB of free (GPU or CPU) memory and
+16 GB of disk, checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -38,11 +39,21 @@ def weights_bytes(base: str, dtype) -> int:
     return sum(p.numel() for p in skeleton.parameters()) * dtype.itemsize
 
 
-def check_resources(needed: int) -> None:
+def merge_device(needed: int) -> str:
+    """cuda when the GPU's free memory holds the weights with room to spare (faster), else cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    free, _ = torch.cuda.mem_get_info()
+    return "cuda" if free >= needed * HEADROOM else "cpu"
+
+
+def check_resources(needed: int, device: str) -> None:
     import psutil
 
     available = psutil.virtual_memory().available
-    if available < needed * HEADROOM:
+    if device == "cpu" and available < needed * HEADROOM:
         raise UserError(
             f"merge needs about {needed * HEADROOM / GIB:.1f} GiB of free memory for model.base_16bit, "
             f"{available / GIB:.1f} GiB is available; close other programs or merge on a larger machine"
@@ -56,12 +67,13 @@ def check_resources(needed: int) -> None:
         )
 
 
-def merged_model(base: str, dtype):
+def merged_model(base: str, dtype, device: str = "cpu"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     with load_errors("model.base_16bit", base):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, low_cpu_mem_usage=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, low_cpu_mem_usage=True,
+                                                     device_map={"": device})
     model = PeftModel.from_pretrained(model, str(paths.ADAPTER_DIR))
     return model.merge_and_unload()
 
@@ -80,9 +92,11 @@ def main() -> None:
     for stale in remove_stale_temporaries(paths.MERGED_DIR):  # a killed merge's 16 GB, before the disk check
         log.info("removed %s, left by a merge that was stopped", stale)
     needed = weights_bytes(base, dtype)
-    check_resources(needed)
-    log.info("merging %s into %s (%s, %.1f GiB)", paths.ADAPTER_DIR, base, params.merge.dtype, needed / GIB)
-    model = merged_model(base, dtype)
+    device = merge_device(needed)
+    check_resources(needed, device)
+    log.info("merging %s into %s (%s, %.1f GiB, on the %s)", paths.ADAPTER_DIR, base, params.merge.dtype,
+             needed / GIB, "GPU" if device == "cuda" else "CPU")
+    model = merged_model(base, dtype, device)
     # The adapter folder holds the tokenizer used in training, chat template included.
     tokenizer = AutoTokenizer.from_pretrained(paths.ADAPTER_DIR)
     with atomic_dir(paths.MERGED_DIR) as out_dir:

@@ -66,7 +66,7 @@ def test_too_little_memory_is_refused_before_loading(workspace, monkeypatch):
     Memory = namedtuple("Memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(available=1000))
     with pytest.raises(UserError, match="merge needs about .* GiB of free memory"):
-        merge.check_resources(16 * 2**30)
+        merge.check_resources(16 * 2**30, "cpu")
 
 
 def test_merge_without_an_adapter_says_what_to_run(workspace, capsys):
