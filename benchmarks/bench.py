@@ -186,8 +186,35 @@ def generation(workspace: Path, overrides: dict) -> dict:
 
 
 def pipeline(workspace: Path, overrides: dict) -> dict:
-    seconds = run_in(workspace, overrides, ["prepare", "train", "merge", "evaluate_base", "evaluate"])
-    return {"stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
+    """A first run, then what `dvc exp run -S lora.r=8` reruns (train, merge, evaluate)."""
+    seconds = run_in(workspace, overrides, ["validate", "prepare", "train", "merge", "evaluate_base", "evaluate"])
+    costs = {stage: read_metrics(workspace, f"cost/{stage}.json")[stage] for stage in ("evaluate_base", "evaluate")}
+    experiment = run_in(workspace, {**overrides, "lora.r": 8}, ["train", "merge", "evaluate"], fresh=False)
+    return {"stage_seconds": seconds, "total_seconds": round(sum(seconds.values()), 1), "evaluation_cost": costs,
+            "experiment_stage_seconds": experiment, "experiment_seconds": round(sum(experiment.values()), 1),
+            "experiment_evaluation_cost": read_metrics(workspace, "cost/evaluate.json")["evaluate"]}
+
+
+def small_card(workspace: Path, overrides: dict, card_gib: float) -> dict:
+    """evaluate_base once more while another process holds all but `card_gib` of the GPU, as on a
+    24 GB RTX 3090/4090: `eval.batch_size: auto` must adapt, never run out of memory."""
+    import subprocess
+
+    import torch
+
+    _, total = torch.cuda.mem_get_info()
+    held = int(total - card_gib * 2**30)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, torch; "
+                               f"x = torch.empty({held}, dtype=torch.uint8, device='cuda'); print('held', flush=True); "
+                               "time.sleep(3600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", "the memory holder did not start"
+        seconds = run_in(workspace, overrides, ["evaluate_base"], fresh=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    return {"card_gib": card_gib, "held_gib": round(held / 2**30, 1), "stage_seconds": seconds["evaluate_base"],
+            **read_metrics(workspace, "cost/evaluate_base.json")["evaluate_base"]}
 
 
 def timed(step, *args, fatal: bool = True) -> dict:
@@ -236,6 +263,8 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="no per-backend training runs")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--card-gib", type=float, default=24.0,
+                        help="after the pipeline, evaluate_base on this much of the GPU (0: skip)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-work")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -299,6 +328,10 @@ def main() -> None:
     if not args.skip_pipeline:  # params as shipped (60 steps, eval and save every 10)
         results["pipeline"] = timed(pipeline, work_dir / "pipeline", {**common, "model.backend": first}, fatal=False)
         write_json(args.out, results)
+        if on_cuda and args.card_gib and "error" not in results["pipeline"]:
+            results["small_card"] = timed(small_card, work_dir / "pipeline", {**common, "model.backend": first},
+                                          args.card_gib, fatal=False)
+            write_json(args.out, results)
     log.info("wrote %s", args.out)
     print(summary_table(results))
 

@@ -1,11 +1,19 @@
-"""Generation speed of the evaluate stage's own code under different batch sizes and KV caches.
+"""Generation speed of the evaluate stage's own code: transformers' generate against the fast loop.
 
     python -m benchmarks.bench_generation --out RESULTS.json [--model-dir /tmp/llama8b] [--prompts 50]
 
 Builds the random Llama-3.1-8B-shaped model when --model-dir holds none, renders --prompts
 synthetic test questions (300-1,600 tokens, as benchmarks/bench.py makes them) with the
-pipeline's chat, and times stages.evaluation.generate_answers for each variant on the bf16
-model. New tokens/s counts generated tokens up to the end-of-turn, as metrics/cost/evaluate.json does.
+pipeline's chat, and times stages.evaluation.generate_answers on the bf16 model, variant after
+variant in one process. New tokens/s counts tokens kept (up to the end of turn), as
+metrics/cost/evaluate.json does; warm-up (buffers, CUDA graph capture) is inside the timed call.
+Answers are compared with transformers' generate (the reference variant) token for token.
+
+A random model never ends an answer, so the "varied" variants give each prompt a cap drawn from
+40-256 tokens (seeded), as real answers end at varied lengths: continuous batching (a finished
+answer's slot takes the next prompt) against static batches (slots refilled only when all are free).
+--card-gib 24 then holds back all but 24 GiB of the card and runs `eval.batch_size: auto`,
+the budget of an RTX 3090/4090.
 """
 
 from __future__ import annotations
@@ -13,18 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench import synthetic_records
+from benchmarks.bench import environment, synthetic_records
 from stages.params import EvalParams
 from stages.prompt import build_messages, render_prompt
 
 log = logging.getLogger("benchmarks.bench_generation")
-
-# (batch size, KV cache): the dynamic cache is transformers' default; the static one lets
-# generate() compile the decoding step (CUDA graphs), which removes the per-layer launch overhead.
-VARIANTS = [(16, "dynamic"), (50, "dynamic"), (50, "static")]
+GIB = 2**30
 
 
 def prompts_for(model_dir: Path, n_prompts: int, tokenizer, system: str) -> list[str]:
@@ -32,17 +40,28 @@ def prompts_for(model_dir: Path, n_prompts: int, tokenizer, system: str) -> list
     return [render_prompt(tokenizer, build_messages(system, r["QUESTION"], r["CONTEXTS"], True)) for r in records]
 
 
+def same_share(answers: list[str], reference: list[str]) -> dict:
+    """How many answers equal the reference's, and where the others first differ (in characters)."""
+    same = sum(a == r for a, r in zip(answers, reference))
+    first_diff = [next((k for k, (x, y) in enumerate(zip(a, r)) if x != y), min(len(a), len(r)))
+                  for a, r in zip(answers, reference) if a != r]
+    return {"identical": same, "of": len(reference), "first_difference_at_chars": sorted(first_diff)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--many", type=int, default=128, help="prompts of the large-batch variant")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--card-gib", type=float, default=24.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     from benchmarks.random_llama import build
+    from stages.decoding import SlotDecoder
     from stages.evaluation import generate_answers
     from stages.modeling import load_for_inference, load_tokenizer
     from stages.params import load_params
@@ -52,24 +71,87 @@ def main() -> None:
         torch.cuda.empty_cache()
     tokenizer = load_tokenizer(str(args.model_dir))
     model = load_for_inference(str(args.model_dir), "model")
-    prompts = prompts_for(args.model_dir, args.prompts, tokenizer, load_params().prompt.system)
-    results = {"device": torch.cuda.get_device_name(), "prompts": len(prompts), "variants": []}
-    for batch_size, cache in VARIANTS:
-        eval_params = EvalParams(batch_size=batch_size, max_new_tokens=args.max_new_tokens, cache=cache)
+    prompts = prompts_for(args.model_dir, max(args.prompts, args.many), tokenizer, load_params().prompt.system)
+    test = prompts[:args.prompts]
+    caps = [random.Random(i).randint(40, args.max_new_tokens) for i in range(len(test))]
+    results = {"environment": {**environment("cuda"), "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]])},
+               "prompts": len(test), "variants": []}
+    first16 = {}  # variant -> answers to the first 16 prompts, for the agreement table
+
+    def measure(model, items, eval_params, caps_, continuous):
+        if continuous:
+            return generate_answers(model, tokenizer, items, eval_params, 0, caps_)
+        original = SlotDecoder.run  # the same loop and stage code, with static batches
+        SlotDecoder.run = lambda self, *a, **k: original(self, *a, **{**k, "continuous": False})
+        try:
+            return generate_answers(model, tokenizer, items, eval_params, 0, caps_)
+        finally:
+            SlotDecoder.run = original
+
+    def run(name, items, batch_size, decoder="fast", caps_=None, continuous=True, ballast=0, model=model,
+            max_new_tokens=args.max_new_tokens):
+        eval_params = EvalParams(batch_size=batch_size, max_new_tokens=max_new_tokens, decoder=decoder)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        generate_answers(model, tokenizer, prompts[:batch_size], eval_params, seed=0)  # warm-up / compile
-        warmup_s = time.perf_counter() - started
-        _, stats = generate_answers(model, tokenizer, prompts, eval_params, seed=0)
-        row = {"batch_size": batch_size, "cache": cache, "warmup_s": round(warmup_s, 1), **stats,
-               "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        try:
+            answers, stats = measure(model, items, eval_params, caps_, continuous)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other variants still run
+            log.exception("%s failed", name)
+            results["variants"].append({"variant": name, "prompts": len(items), "error": f"{type(exc).__name__}: {exc}"})
+            torch.cuda.empty_cache()
+            return
+        seconds = time.perf_counter() - started
+        row = {"variant": name, "prompts": len(items), "seconds": round(seconds, 2),
+               **{k: v for k, v in stats.items() if k != "cut_off"},
+               "peak_allocated_gib": round((torch.cuda.max_memory_allocated() - ballast) / GIB, 2)}
+        if caps_ is None:
+            first16[name] = answers[:16]
         log.info("%s", row)
         results["variants"].append(row)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print("| batch | cache | new tokens/s | warm-up s | peak GiB |\n| ---: | --- | ---: | ---: | ---: |")
+
+    run("generate, batch 16 (the old default)", test[:16], 16, "generate")
+    run("generate, batch 50", test, 50, "generate")
+    run("fast, 16 at once", test, 16)
+    run("fast, auto", test, "auto")
+    run("fast, auto, again (warm)", test, "auto")
+    run(f"fast, auto, {args.many} prompts", prompts[:args.many], "auto")
+    run("varied caps: fast, 16 at once, static batches", test, 16, caps_=caps, continuous=False)
+    run("varied caps: fast, 16 at once, continuous", test, 16, caps_=caps)
+    run("varied caps: fast, auto", test, "auto", caps_=caps)
+    free, total = torch.cuda.mem_get_info()
+    held = int(total - args.card_gib * GIB)  # all but card-gib of the card, as another program would
+    ballast = torch.empty(held, dtype=torch.uint8, device="cuda")
+    results["card_gib"] = args.card_gib
+    run(f"fast, auto, {args.card_gib:g} GiB card", test, "auto", ballast=held)
+    del ballast
+    # float32: where bf16 rounding no longer decides between near-equal logits of a random model
+    del model
+    torch.cuda.empty_cache()
+    fp32 = load_for_inference(str(args.model_dir), "model", dtype=torch.float32)
+    run("float32: generate, batch 16", test[:16], 16, "generate", model=fp32, max_new_tokens=64)
+    run("float32: fast, 16 at once", test[:16], 16, model=fp32, max_new_tokens=64)
+    results["agreement_first_16"] = {
+        f"{a} | {b}": same_share(first16[a], first16[b])
+        for a, b in [("generate, batch 16 (the old default)", "generate, batch 50"),
+                     ("generate, batch 16 (the old default)", "fast, 16 at once"),
+                     ("generate, batch 16 (the old default)", "fast, auto"),
+                     ("fast, 16 at once", "fast, auto"),
+                     ("float32: generate, batch 16", "float32: fast, 16 at once")]
+        if a in first16 and b in first16}
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    for pair, share in results["agreement_first_16"].items():
+        print(f"{pair}: {share['identical']}/{share['of']} identical, first differences at characters "
+              f"{share['first_difference_at_chars']}")
+    print("| variant | prompts | at once | new tokens/s | warm-up s | peak GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in results["variants"]:
-        print(f"| {row['batch_size']} | {row['cache']} | {row['new_tokens_per_s']:,.0f} | {row['warmup_s']} | "
-              f"{row['peak_allocated_gib']} |")
+        if "error" in row:
+            print(f"| {row['variant']} | {row['prompts']} | failed: {row['error']} |")
+            continue
+        print(f"| {row['variant']} | {row['prompts']} | {row['batch_size']} | {row['new_tokens_per_s']:,.0f} | "
+              f"{row['warmup_s']} | {row['peak_allocated_gib']} |")
 
 
 if __name__ == "__main__":
