@@ -3,6 +3,7 @@ same effective batch; the launch's mistakes are one line each."""
 
 import csv
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -164,3 +165,14 @@ def test_one_process_is_pinned_to_one_gpu(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     launch.use_one_gpu(2)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+@pytest.mark.parametrize("world, preset, expected", [("2", None, "1"), ("1", None, None), ("4", "0", "0")])
+def test_several_processes_deal_rows_by_tokens_unless_the_user_says_otherwise(monkeypatch, world, preset, expected):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if preset is None:
+        monkeypatch.delenv(launch.TOKEN_BALANCE, raising=False)
+    else:
+        monkeypatch.setenv(launch.TOKEN_BALANCE, preset)
+    launch.balance_tokens()
+    assert os.environ.get(launch.TOKEN_BALANCE) == expected
