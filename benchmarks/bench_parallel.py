@@ -9,6 +9,7 @@ train.num_processes set, so the stage's own accelerate relaunch is what is timed
 samples every GPU's memory. The parts run in this order, the results file rewritten after each:
 
 1. unsloth, N processes, 12/N rows per device (effective batch 12)
+   and the same with the rows dealt as they come (UNSLOTH_TOKEN_BALANCE=0) instead of by tokens
 2. unsloth, 1 process, 12 rows (the shipped default)
 3. `python -m stages.merge` on the adapter of 1, compared with the adapter of 2: the same files,
    keys, shapes and config, close weights and per-step losses, and one merged weight checked
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.bench import environment, matmul_peak, model_info, read_metrics, synthetic_records, timed
 from benchmarks.run_stages import prepare_workspace, run_stages
+from stages.launch import TOKEN_BALANCE
 
 log = logging.getLogger("benchmarks.bench_parallel")
 
@@ -75,7 +78,7 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     metrics = {**read_metrics(workspace, "train.json")["train"], **read_metrics(workspace, "cost/train.json")["train"],
                **read_metrics(workspace, "info/train.json")}
     gpus = metrics["num_processes"]
-    keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
+    keys = ("backend", "num_processes", "token_balance", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
             "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
     return {
         **{key: metrics[key] for key in keys},
@@ -147,6 +150,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-parallel")
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--only", nargs="*", metavar="PART",
+                        help="run only these parts (names as in the results, e.g. unsloth-1proc merge)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -186,11 +191,15 @@ def main() -> None:
     flops, peak = results["model"]["flops_per_token"], results["matmul"]["tflops"]
     results["train"] = {}
     plan = [(f"unsloth-{n}proc", variant("unsloth", n, EFFECTIVE_BATCH // n, args.steps)),
+            # the same, rows dealt to processes as they come instead of by tokens (launch.balance_tokens)
+            (f"unsloth-{n}proc-unbalanced", variant("unsloth", n, EFFECTIVE_BATCH // n, args.steps)),
             ("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps)),
             ("merge", None),
             (f"transformers-{n}proc", variant("transformers", n, EFFECTIVE_BATCH // n, args.transformers_steps)),
             (f"unsloth-{n}proc-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps))]
     for name, overrides in plan:
+        if args.only is not None and name not in args.only:
+            continue
         if overrides is None:
             if not args.skip_merge and all("error" not in results["train"].get(k, {"error": 1})
                                            for k in (f"unsloth-{n}proc", "unsloth-1proc")):
@@ -198,6 +207,7 @@ def main() -> None:
                                                  model_dir, fatal=False)
         else:
             log.info("training %s", name)
+            os.environ[TOKEN_BALANCE] = "0" if name.endswith("-unbalanced") else "1"
             results["train"][name] = timed(train_variant, work / name, template, overrides, flops, peak, fatal=False)
         speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
         if speeds.get(f"unsloth-{n}proc") and speeds.get("unsloth-1proc"):
