@@ -191,7 +191,9 @@ def test_a_prepared_prompt_must_be_the_chat_rendered_now(tiny_tokenizer):
     for system, include_contexts in (("다른 시스템", True), ("시스템", False)):
         with pytest.raises(UserError) as error:
             check_same_chat(tiny_tokenizer, row, system, include_contexts)
-        assert str(error.value).startswith("question q7: the training chat rendered now differs from data/prepared's")
+        assert str(error.value) == (
+            "question q7: the training chat rendered now differs from data/prepared's (another prompt.system, "
+            "data.include_contexts or chat template); run `dvc repro` so prepare renders the chats again")
 
 
 def test_shipped_options_are_korean_and_yaml_booleans_are_read_as_words():
