@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from stages import paths
-from stages.decision import choose, decision_metrics, skipped_counts
+from stages.decision import (check_same_chat, choose, decision_metrics, decision_summary, option_examples,
+                             reference_label, skipped_counts)
 from stages.errors import UserError
 from stages.evaluation import evaluate_model, score_decisions
 from stages.modeling import load_for_inference
@@ -145,6 +146,54 @@ def test_accuracy_macro_f1_and_confusion_by_hand():
     # A class neither in the references nor among the decisions does not count as an F1 of 0.
     assert decision_metrics([("yes", "yes"), ("no", "yes")], ["yes", "no", "maybe"])["macro_f1"] == pytest.approx(
         (2 / 3 + 0.0) / 2)
+
+
+def test_decision_summary_scores_the_decided_rows_and_counts_the_skipped():
+    # Options yes / no only: a "maybe" reference is not an option, so the row is not scored (decision None).
+    options = {"yes": "예", "no": "아니요"}
+    assert [reference_label({"final_decision": label}, options) for label in ("no", "maybe", None)] == ["no", None, None]
+    assert reference_label({}, options) is None
+    predictions = [{"reference_decision": ref, "decision": dec}
+                   for ref, dec in [("yes", "yes"), ("no", "yes"), ("no", "no"), (None, None), ("maybe", None)]]
+    quality, info = decision_summary(predictions, options)
+    # F1 yes = 2 * 1 / (1 reference + 2 decisions) = 2/3; no = 2 * 1 / (2 + 1) = 2/3
+    assert quality == {"accuracy": pytest.approx(2 / 3), "macro_f1": pytest.approx(2 / 3)}
+    assert info == {"n": 3, "options": options, "skipped": {"missing": 1, "not_an_option": 1},
+                    "reference_counts": {"yes": 1, "no": 2}, "decision_counts": {"yes": 2, "no": 1},
+                    "confusion": {"yes": {"yes": 1, "no": 0}, "no": {"yes": 1, "no": 1}}}
+    assert decision_summary(predictions[3:], options) == (
+        {}, {"n": 0, "options": options, "skipped": {"missing": 1, "not_an_option": 1}})
+    with pytest.raises(ValueError, match="^no \\(reference, decision\\) pairs to score$"):
+        decision_metrics([], list(options))
+
+
+def test_each_option_is_scored_as_the_whole_reply_to_one_decision_chat(tiny_tokenizer):
+    row = {"id": "q7", "question": "운동은 혈압을 낮추는가?", "contexts": ["운동군의 혈압이 낮았다."]}
+    examples = option_examples(tiny_tokenizer, row, "시스템", True, "{options} 중 하나로 답하세요.",
+                               {"yes": "예", "no": "아니요", "maybe": "불확실"})
+    prompts, replies = [], []
+    for example in examples:
+        n_prompt = example["labels"].count(-100)
+        assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]  # the reply alone is scored
+        prompts.append(tiny_tokenizer.decode(example["input_ids"][:n_prompt]))
+        replies.append(tiny_tokenizer.decode(example["input_ids"][n_prompt:]))
+    assert replies == ["예<|eot_id|>", "아니요<|eot_id|>", "불확실<|eot_id|>"]  # in option order, end of turn included
+    assert prompts[0] == prompts[1] == prompts[2]
+    assert prompts[0].endswith("질문: 운동은 혈압을 낮추는가?\n\n초록:\n운동군의 혈압이 낮았다.\n\n예, 아니요, 불확실 중 하나로 "
+                               "답하세요.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "시스템" in prompts[0]
+
+
+def test_a_prepared_prompt_must_be_the_chat_rendered_now(tiny_tokenizer):
+    row = {"id": "q7", "question": "운동은 혈압을 낮추는가?", "contexts": ["운동군의 혈압이 낮았다."]}
+    row["prompt"] = render_prompt(tiny_tokenizer, build_messages("시스템", row["question"], row["contexts"], True))
+    check_same_chat(tiny_tokenizer, row, "시스템", True)
+    for system, include_contexts in (("다른 시스템", True), ("시스템", False)):
+        with pytest.raises(UserError) as error:
+            check_same_chat(tiny_tokenizer, row, system, include_contexts)
+        assert str(error.value) == (
+            "question q7: the training chat rendered now differs from data/prepared's (another prompt.system, "
+            "data.include_contexts or chat template); run `dvc repro` so prepare renders the chats again")
 
 
 def test_shipped_options_are_korean_and_yaml_booleans_are_read_as_words():

@@ -10,7 +10,7 @@ import torch
 from conftest import write_params
 from stages import paths
 from stages.errors import UserError
-from stages.evaluation import _batches, answer_loss, generate_answers, read_split, stop_token_ids
+from stages.evaluation import _batches, answer_loss, generate_answers, loss_summary, read_split, stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.outputs import read_jsonl
 from stages.params import load_params
@@ -96,6 +96,17 @@ def test_a_missing_split_says_to_run_prepare(tmp_path, monkeypatch):
     paths.split_file("test").parent.mkdir(parents=True)
     paths.split_file("test").write_text('{"id": "a"}\n{"id": "b"}\n', encoding="utf-8")
     assert read_split("test") == [{"id": "a"}, {"id": "b"}]
+
+
+def test_loss_is_the_mean_over_answer_tokens_not_over_rows():
+    # rows of (sum of log-probabilities, answer tokens): 3 nats over 4 tokens, not (1 + 0.5) / 2 rows
+    summary = loss_summary([(-2.0, 1), (-1.0, 3)])
+    assert summary == {"loss": 0.75, "perplexity": pytest.approx(math.exp(0.75)), "n": 2, "answer_tokens": 4}
+    assert loss_summary([(-200.0, 2)])["perplexity"] == pytest.approx(math.exp(50.0))  # capped: no overflow
+    with pytest.raises(UserError) as error:
+        loss_summary([(0.0, 0), (0.0, 0)])
+    assert str(error.value) == ("no answer token to score in 2 prepared rows (an empty split, or every answer cut off); "
+                                "rerun `dvc repro prepare`")
 
 
 def test_no_answer_token_is_an_error_not_a_perfect_score(tiny_model, tiny_tokenizer):

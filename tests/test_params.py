@@ -176,6 +176,11 @@ def test_optimizer_and_scheduler_choices_are_transformers_own():
     [
         ("train.optim", "adamw8bit", "train.optim = 'adamw8bit': unknown optimizer; did you mean 'adamw_8bit'?"),
         ("train.lr_scheduler_type", "cosin", "train.lr_scheduler_type = 'cosin': unknown scheduler; did you mean 'cosine'?"),
+        ("train.lr_scheduler_type", 7, "train.lr_scheduler_type = 7: unknown scheduler; choose one of linear, cosine, "
+         "cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, "
+         "cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay, greedy"),
+        # YAML reads the key `yes` as true; the message names it as written, with the bad value under it
+        ("eval.decision_options", {True: 1, False: "아니요"}, "eval.decision_options.yes = 1: Input should be a valid string"),
         ("data.val_size", True, "data.val_size = True: expected a number, not true/false"),
         ("lora.r", True, "lora.r = True: expected a number, not true/false"),
         ("train.learning_rate", False, "train.learning_rate = False: expected a number, not true/false"),

@@ -1,6 +1,7 @@
 """The one chat format shared by prepare, train, evaluate and predict."""
 
-from stages.prompt import IGNORE_INDEX, build_messages, encode, render_prompt, render_prompt_completion, tokenize_example
+from stages.prompt import (IGNORE_INDEX, build_messages, decision_messages, encode, render_prompt,
+                           render_prompt_completion, tokenize_example)
 
 
 def test_user_turn_holds_question_and_abstract_when_asked():
@@ -32,6 +33,15 @@ def test_a_template_that_renders_the_answer_turn_differently_is_refused(tiny_tok
         render_prompt_completion(tokenizer, build_messages("", "질문?", [], True, "답."))
     assert str(error.value) == ("the tokenizer's chat template does not render the conversation as prompt + answer; "
                                 "use a Llama-3-style chat model or fix its chat_template")
+
+
+def test_the_decision_instruction_follows_the_training_users_turn():
+    asked = decision_messages("시스템", "질문?", ["초록."], True, "{options} 중 하나로.", ["예", "아니요"])
+    assert asked == [{"role": "system", "content": "시스템"},
+                     {"role": "user", "content": "질문: 질문?\n\n초록:\n초록.\n\n예, 아니요 중 하나로."}]
+    # without a system prompt the user's turn is the only one; without contexts, the bare question
+    assert decision_messages("", "질문?", ["초록."], False, "{options}?", ["yes", "no"]) == [
+        {"role": "user", "content": "질문?\n\nyes, no?"}]
 
 
 def test_prompt_plus_completion_is_the_whole_chat(tiny_tokenizer):

@@ -185,6 +185,49 @@ def test_bad_inputs_fail_with_one_clear_message(tmp_path):
         clean_records([{"QUESTION": "짧", "CONTEXTS": [], "LONG_ANSWER": "답"}], 5)
 
 
+def _unreadable(tmp_path, name, content: str | bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(UserError) as error:
+        read_records(str(path), "test", None)
+    return str(error.value).replace(str(path), name)
+
+
+def test_a_source_of_the_wrong_shape_says_where(tmp_path):
+    row = json.dumps({"QUESTION": "질문?", "CONTEXTS": [], "LONG_ANSWER": "답."}, ensure_ascii=False)
+    assert _unreadable(tmp_path, "list.json", f"[{row}, 2]").endswith("found a list whose item 1 is int")
+    assert _unreadable(tmp_path, "dict.json", f'{{"1": {row}, "2": "x"}}').endswith(
+        "found a dict whose value for '2' is str")
+    # JSON lines are numbered from 1, blank lines included; a line that is JSON but not an object is named
+    lines = f"{row}\n\n{row}\n"
+    assert _unreadable(tmp_path, "bad.jsonl", lines + '{"QUESTION": \n').startswith(
+        "data.source = bad.jsonl: line 4 is not valid JSON (")
+    assert _unreadable(tmp_path, "list.jsonl", lines + "[1, 2]\n") == \
+        "data.source = list.jsonl: line 4 is list, not a record"
+    (tmp_path / "ok.jsonl").write_text(lines + row + "\n", encoding="utf-8")
+    assert len(read_records(str(tmp_path / "ok.jsonl"), "test", None)) == 3  # rows after a blank line count too
+
+
+def test_a_folder_or_a_cp949_file_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(UserError) as error:
+        read_records(str(tmp_path / "data"), "test", None)
+    assert str(error.value) == f"data.source = {tmp_path / 'data'}: is a folder; point it at a .json, .jsonl, " \
+                               ".parquet, .csv file"
+    excel = pd.DataFrame([{"QUESTION": "질문입니다?", "LONG_ANSWER": "답입니다."}]).to_csv(index=False)
+    assert _unreadable(tmp_path, "excel.csv", excel.encode("cp949")) == (
+        "data.source = excel.csv: not UTF-8 text (Excel on Korean Windows saves cp949/EUC-KR); re-save it as UTF-8 "
+        "(Excel: 'CSV UTF-8', or: iconv -f cp949 -t utf-8 IN > OUT)")
+
+
+def test_final_decisions_outside_the_labels_are_counted_but_empty_ones_are_not():
+    labels = [1, True, {"a": 1}, "unsure", "", None, " No "]
+    rows, _, invalid = clean_records([_qa(f"질문 번호 {i}?", "답변입니다.", final_decision=label)
+                                      for i, label in enumerate(labels)], 5)
+    assert invalid == 4
+    assert [r.get("final_decision") for r in rows] == [None] * 6 + ["no"]
+
+
 def test_content_hash_depends_on_content_only(sample_records):
     assert content_hash(sample_records) == content_hash(json.loads(json.dumps(sample_records)))
     assert content_hash([{"a": 1, "b": 2}]) == content_hash([{"b": 2, "a": 1}])  # key order is not content

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import yaml
 
-from stages.report import (changed_params, most_changed, option_probability, read_yaml12, report, run_identity,
-                           side_by_side)
+from stages.report import (changed_params, decision_plot, most_changed, option_probability, read_yaml12, report,
+                           rouge_plot, run_identity, side_by_side)
 
 LOGPROBS_RIGHT = {"yes": -0.1, "no": -3.0, "maybe": -4.0}  # "yes" takes most of the options' probability
 LOGPROBS_WRONG = {"yes": -3.0, "no": -0.1, "maybe": -4.0}
@@ -107,6 +107,9 @@ def test_report_names_the_run_and_warns_about_a_small_test_set():
     assert "With 50 questions one question moves accuracy by 2.0 points" in text
     assert "Small test set" not in render(n=500)
     assert "skipped: 2 missing final_decision" in text
+    all_scored = info(50)
+    all_scored["decision"]["skipped"] = {"missing": 0, "not_an_option": 0}
+    assert "; 50 questions scored.\n" in report(QUALITY, QUALITY, DELTAS, RECORDS, all_scored, IDENTITY, 0, 1000)
     assert "base 1 of 50, fine-tuned 1 of 50" in text  # answers cut at max_new_tokens
 
 
@@ -119,6 +122,7 @@ def test_report_lists_the_most_improved_and_regressed_questions_in_order():
     assert "| base | yes (0.93) | base answer q3 | 0.400 |" in regressed
     assert "| fine-tuned | yes (0.93) | fine-tuned answer q3 | 0.100 (\u22120.300) |" in regressed
     assert "| reference | yes | reference q3 | |" in regressed
+    assert "| 0.600 (+0.500) |\n\n#### q2: " in improved  # a blank line between two examples' tables
     assert "### Questions that changed" not in render(n_examples=0)
 
 
@@ -131,7 +135,7 @@ def test_confusion_matrices_of_both_models():
 
 
 def test_side_by_side_refuses_other_questions():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the base predictions are for other test questions$"):
         side_by_side([{"id": "1"}], [{"id": "2"}])
     merged = side_by_side([{"id": "1", "answer": "a"}], [{"id": "1", "answer": "b", "decision": "no"}])
     assert merged == [{"id": "1", "answer": "a", **{f"base_{k}": None for k in (
@@ -142,12 +146,16 @@ def test_side_by_side_refuses_other_questions():
 def test_changed_params_and_the_run_identity_from_git(tmp_path, monkeypatch):
     assert changed_params({"lora": {"r": 8, "alpha": 16}, "seed": 1}, {"lora": {"r": 16, "alpha": 16}, "seed": 1}) \
         == [("lora.r", 16, 8)]
+    # a key only one side has (a param added to, or removed from, params.yaml) is a change too
+    assert changed_params({"seed": 1, "eval": {"cache": "static"}}, {"seed": 1, "data": {"revision": "v1"}}) \
+        == [("data.revision", "v1", None), ("eval.cache", None, "static")]
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     params = {"model": {"name": "m", "base_16bit": "b"}, "lora": {"r": 16}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    assert run_identity()["commit"] is None and run_identity()["changed"] is None
+    outside_git = run_identity()
+    assert outside_git["commit"] is None and outside_git["changed"] is None and outside_git["code_changed"] is False
     for command in (["init", "-q"], ["add", "params.yaml"],
                     ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "params"]):
         subprocess.run(["git", *command], check=True, capture_output=True)
@@ -159,6 +167,28 @@ def test_changed_params_and_the_run_identity_from_git(tmp_path, monkeypatch):
     assert (identity["model"], identity["base"], identity["experiment"]) == ("m", "b", None)
     monkeypatch.setenv("DVC_EXP_NAME", "noble-yaks")
     assert run_identity()["experiment"] == "noble-yaks"
+    # `dvc exp run` sets the commit it started from; the report names that one, not the workspace's HEAD
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "f00dfacecafe")
+    assert run_identity()["commit"] == "f00dfac"
+
+
+def test_code_changed_means_edits_to_tracked_stage_code_or_dvc_yaml(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = {"params.yaml": yaml.safe_dump({"model": {"name": "m", "base_16bit": "b"}}), "stages/train.py": "x = 1\n",
+             "dvc.yaml": "stages: {}\n", "README.md": "read me\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *command], check=True, capture_output=True)
+    assert run_identity()["code_changed"] is False
+    (tmp_path / "README.md").write_text("other\n", encoding="utf-8")  # not code
+    (tmp_path / "stages/scratch.py").write_text("y = 2\n", encoding="utf-8")  # untracked: git status -uno skips it
+    assert run_identity()["code_changed"] is False
+    for name in ("stages/train.py", "dvc.yaml"):
+        (tmp_path / name).write_text("edited\n", encoding="utf-8")
+        assert run_identity()["code_changed"] is True, name
+        subprocess.run(["git", "checkout", "--", name], check=True, capture_output=True)
 
 
 def test_params_are_compared_as_dvc_reads_them_so_its_unquoted_yes_stays_a_word():
@@ -183,3 +213,164 @@ def test_a_dataset_without_decision_labels_gets_a_report_without_decisions():
     assert "decision accuracy" not in text and "\n## Decisions\n" not in text
     assert "0 questions scored, skipped: 5 missing final_decision" in text
     assert "(0)\n\nNone." in text.split("### Decisions fixed")[1]
+
+
+# The whole report for three questions: one improved, one regressed without decisions, one unchanged
+# whose final_decision is not an option. Intervals that touch 0 are no clear change.
+YES_NO = {"yes": -0.1, "no": -3.0}  # P(yes) = 1 / (1 + e^-2.9) = 0.95
+WHOLE_RECORDS = [
+    record("q1", 0.6, 0.1, logprobs=YES_NO, base_logprobs=YES_NO),
+    dict(record("q2", 0.2, 0.5, None, None, reference=None, logprobs=None, base_logprobs=None),
+         question="line one\nline | two", base_answer=None),
+    record("q3", 0.3, 0.3, None, None, reference="unsure", logprobs=None, base_logprobs=None),
+]
+WHOLE_INFO = {"test": {"n": 3}, "validation": {"n": 2},
+              "decision": {"n": 1, "options": {"yes": "예", "no": "아니요"},
+                           "skipped": {"missing": 1, "not_an_option": 1},
+                           "confusion": {"yes": {"yes": 1, "no": 0}, "no": {"yes": 0, "no": 0}}},
+              "generation": {"max_new_tokens": 64, "cut_off": 0}, "rouge": {"tokenizer": "char"}}
+WHOLE_TUNED = {"test": {"accuracy": 1.0, "macro_f1": 1.0, "rougeL": 0.3667, "loss": 1.0}, "validation": {"loss": 1.1}}
+WHOLE_BASE = {"test": {"accuracy": 1.0, "macro_f1": 1.0, "rougeL": 0.3, "loss": 1.5}, "validation": {"loss": 1.6}}
+WHOLE_DELTAS = {"accuracy": {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0},
+                "rougeL": {"delta": 0.0667, "ci_low": 0.0, "ci_high": 0.3},
+                "loss": {"delta": -0.5, "ci_low": -0.7, "ci_high": 0.0}}
+WHOLE_REPORT = """\
+# Evaluation report
+
+- **Run:** no git commit with uncommitted changes to stages/ or dvc.yaml
+- **Models:** fine-tuned `m-4bit` (models/merged) against the base `m-16bit`
+- **Params:** as committed
+- **Test set:** 3 questions (validation: 2)
+
+> **Small test set.** With 3 questions one question moves accuracy by 33.3 points: read the intervals, not the \
+point values.
+
+## Base vs fine-tuned
+
+| metric | better | base | fine-tuned | change [95% interval] | verdict |
+| --- | --- | ---: | ---: | --- | --- |
+| decision accuracy | higher | 1.0000 | 1.0000 | +0.000 [+0.000, +0.000] | no clear change |
+| decision macro-F1 | higher | 1.0000 | 1.0000 | +0.000 |  |
+| ROUGE-L F1 | higher | 0.3000 | 0.3667 | +0.067 [+0.000, +0.300] | no clear change |
+| answer loss (nats/token) | lower | 1.5000 | 1.0000 | \u22120.500 [\u22120.700, +0.000] | no clear change |
+| validation answer loss | lower | 1.6000 | 1.1000 | \u22120.500 |  |
+
+Change = fine-tuned minus base; the interval is a paired bootstrap over the test questions (200 resamples, \
+seeded): **better** / **worse** when it excludes 0. Perplexity follows the loss; macro-F1, the cut share and \
+validation have no interval. ROUGE: mean per-question F1 over `char` tokens. Decision: the option (예 (yes) / \
+아니요 (no)) with the highest log-likelihood as the whole reply; 1 questions scored, skipped: 1 missing, 1 not an \
+option final_decision.
+
+Answers cut at max_new_tokens = 64: base 1 of 3, fine-tuned 0 of 3.
+
+## Decisions
+
+**Base** (rows: reference, columns: decision)
+
+| | yes | no | total |
+| --- | ---: | ---: | ---: |
+| yes | **1** | 0 | 1 |
+| no | 0 | **0** | 0 |
+
+**Fine-tuned** (rows: reference, columns: decision)
+
+| | yes | no | total |
+| --- | ---: | ---: | ---: |
+| yes | **1** | 0 | 1 |
+| no | 0 | **0** | 0 |
+
+## Questions that changed most against the base
+
+Decision: the model's choice and (in brackets) the share of the options' probability it gives it.
+
+### Improved most: ROUGE-L rose the most (1)
+
+#### q1: question q1?
+
+| | decision | answer | ROUGE-L |
+| --- | --- | --- | ---: |
+| reference | yes | reference q1 | |
+| base | yes (0.95) | base answer q1 | 0.100 |
+| fine-tuned | yes (0.95) | fine-tuned answer q1 | 0.600 (+0.500) |
+
+### Regressed most: ROUGE-L fell the most (1)
+
+#### q2: line one<br>line \\| two
+
+| | decision | answer | ROUGE-L |
+| --- | --- | --- | ---: |
+| reference |  | reference q2 | |
+| base |  | (none) | 0.500 |
+| fine-tuned |  | fine-tuned answer q2 | 0.200 (\u22120.300) |
+
+### Decisions fixed: the base was wrong, the fine-tuned model is right (0)
+
+None.
+
+### Decisions broken: the base was right, the fine-tuned model is wrong (0)
+
+None.
+"""
+
+
+def test_the_whole_report_reads_as_written_here():
+    # Markdown needs the blank lines (a table or heading glued to the line above does not render), the
+    # header, separator and rows of a table must have as many cells, and a "|" in an answer must be escaped.
+    identity = {**IDENTITY, "commit": None, "experiment": None, "code_changed": True, "changed": []}
+    assert report(WHOLE_TUNED, WHOLE_BASE, WHOLE_DELTAS, WHOLE_RECORDS, WHOLE_INFO, identity, 1, 200) == WHOLE_REPORT
+
+
+def test_a_metric_one_model_lacks_reads_n_a_and_a_change_needs_both():
+    tuned = {"test": {"rougeL": 0.4}, "validation": {}}
+    base = {"test": {"rougeL": 0.3, "loss": 1.5}, "validation": {}}
+    text = report(tuned, base, {}, RECORDS, info(50), IDENTITY, 0, 1000)
+    assert _row(text, "answer loss (nats/token)") == "| answer loss (nats/token) | lower | 1.5000 | n/a |  |  |"
+    assert _row(text, "ROUGE-L F1") == "| ROUGE-L F1 | higher | 0.3000 | 0.4000 | +0.100 |  |"
+
+
+def test_the_identity_line_says_what_git_could_not_tell_and_shortens_long_values():
+    no_git = report(QUALITY, QUALITY, DELTAS, RECORDS, info(50), {**IDENTITY, "commit": None, "experiment": None,
+                                                                  "changed": None}, 0, 1000)
+    assert "- **Run:** no git commit\n" in no_git
+    assert "- **Params:** no committed params.yaml to compare with\n" in no_git
+    # json.dumps of "x" * 58 is 60 characters: shown whole; 61 are cut to 57 and "...". Korean stays readable.
+    changed = [("prompt.system", "x" * 58, "y" * 59), ("data.source", "한국어", None)]
+    text = report(QUALITY, QUALITY, DELTAS, RECORDS, info(50), {**IDENTITY, "changed": changed}, 0, 1000)
+    assert (f"- **Params changed from the commit:** `prompt.system` \"{'x' * 58}\" \u2192 \"{'y' * 56}...; "
+            "`data.source` \"한국어\" \u2192 null\n") in text
+
+
+def test_small_test_set_warning_below_100_questions_and_its_arithmetic():
+    assert "one question moves accuracy by 12.5 points" in render(n=8)
+    assert "Small test set" in render(n=99) and "Small test set" not in render(n=100)
+
+
+def test_a_report_without_examples_ends_with_one_newline():
+    text = render(n_examples=0)
+    assert text.endswith("| 1 |\n") and not text.endswith("\n\n")  # the last confusion row, no blank lines
+
+
+def test_only_n_examples_per_section():
+    text = render(n_examples=1)
+    improved = text.split("\n### Improved most")[1].split("\n### ")[0]
+    assert "q1:" in improved and "q2:" not in improved
+
+
+def test_decisions_need_both_models_decided():
+    # The fine-tuned run scored decisions but the base predictions have none (or the other way round):
+    # no confusion matrices, and the base's missing decisions are not counted as flips.
+    records = [dict(r, base_decision=None, base_option_logprobs=None) for r in RECORDS]
+    text = report(QUALITY, QUALITY, DELTAS, records, info(50), IDENTITY, 2, 1000)
+    assert "\n## Decisions\n" not in text
+    tuned_right = [record("q", 0.2, 0.2, "yes", None, base_logprobs=None)]
+    assert most_changed(tuned_right, 5)["fixed"] == []
+
+
+def test_plot_rows_pair_each_question_and_skip_unscored_decisions():
+    records = [record("q1", 0.6, 0.1, "no", "yes"),
+               record("q2", 0.2, 0.5, None, None, reference=None, logprobs=None, base_logprobs=None),
+               record("q3", 0.3, 0.3, "yes", None, base_logprobs=None)]
+    assert decision_plot(records) == [{"id": "q1", "reference": "yes", "base": "yes", "fine_tuned": "no"}]
+    assert rouge_plot(records) == [{"id": "q1", "base": 0.1, "fine_tuned": 0.6},
+                                   {"id": "q2", "base": 0.5, "fine_tuned": 0.2},
+                                   {"id": "q3", "base": 0.3, "fine_tuned": 0.3}]
