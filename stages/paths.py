@@ -7,6 +7,7 @@ from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
 DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 
 VALIDATED = Path("data/validated.txt")  # written by the validate stage, identical whenever params are valid
 PREPARED_DIR = Path("data/prepared")
@@ -25,9 +26,9 @@ MERGED_DIR = Path("models/merged")
 DVCLIVE_TRAIN_DIR = Path("dvclive/train")
 
 METRICS_DIR = Path("metrics")
-DATA_METRICS = METRICS_DIR / "data.json"
 # Quality metrics (what a reviewer compares) in metrics/, the cost of producing them in
 # metrics/cost/, counters, versions and other facts that are not compared in metrics/info/.
+PREPARE_INFO = METRICS_DIR / "info/prepare.json"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_COST = METRICS_DIR / "cost/train.json"
 TRAIN_INFO = METRICS_DIR / "info/train.json"
@@ -36,3 +37,4 @@ EVAL_BASE_METRICS = METRICS_DIR / "eval_base.json"
 PREDICTIONS = METRICS_DIR / "predictions.jsonl"
 BASE_PREDICTIONS = METRICS_DIR / "predictions_base.jsonl"
 REPORT = METRICS_DIR / "report.md"
+PLOTS_DIR = METRICS_DIR / "plots"  # PNGs of every plot in dvc.yaml, viewable offline

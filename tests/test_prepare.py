@@ -11,7 +11,7 @@ from stages.prompt import encode
 
 
 def _outputs() -> dict[str, bytes]:
-    files = [paths.split_file(s) for s in paths.SPLITS] + [paths.DATA_METRICS]
+    files = [paths.split_file(s) for s in paths.SPLITS] + [paths.PREPARE_INFO]
     return {str(f): Path(f).read_bytes() for f in files}
 
 
@@ -24,7 +24,7 @@ def test_two_runs_write_identical_bytes(workspace):
 
 def test_splits_metrics_and_rendered_chats(workspace, tiny_tokenizer):
     prepare.main()
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
+    metrics = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
     splits = {s: [json.loads(line) for line in paths.split_file(s).open(encoding="utf-8")] for s in paths.SPLITS}
     assert metrics["rows"] == {"read": 52, "kept": 49, "train": 39, "validation": 5, "test": 5}
     assert metrics["dropped"]["duplicate_question"] == 1 and metrics["dropped"]["too_long"] == 0
@@ -44,7 +44,7 @@ def test_splits_metrics_and_rendered_chats(workspace, tiny_tokenizer):
 def test_truncation_shortens_the_abstract_never_the_answer(workspace, sample_records):
     write_params(workspace, {"model.max_seq_length": 300})
     prepare.main()
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
+    metrics = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
     rows = [json.loads(line) for s in paths.SPLITS for line in paths.split_file(s).open(encoding="utf-8")]
     truncated = [r for r in rows if r["truncated"]]
     assert len(truncated) == sum(metrics["truncated"].values()) > 10
