@@ -121,7 +121,7 @@ def test_a_rerun_that_reproduces_the_locked_outputs_keeps_their_cost(tmp_path, m
     assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 15.0}
 
 
-def test_dvc_md5_is_the_hash_dvc_lock_records(pipeline_run):
+def test_dvc_md5_is_the_hash_dvc_lock_records(pipeline_run, monkeypatch):
     """The rule above compares with dvc.lock, so the hashes must be DVC's own, folders included."""
     from dvc_data.hashfile.hash import hash_file
     from dvc_objects.fs import localfs
@@ -132,7 +132,8 @@ def test_dvc_md5_is_the_hash_dvc_lock_records(pipeline_run):
         assert dvc_md5(path) == hash_file(str(path), localfs, "md5")[1].value
     from dvc.repo import Repo
 
-    with Repo(str(pipeline_run)) as repo:
+    monkeypatch.chdir(pipeline_run)
+    with Repo(".") as repo:
         [stage] = repo.stage.collect("train")
         stage.save()  # DVC hashes the outputs as `dvc commit` would
         [adapter] = [out for out in stage.outs if out.def_path == "models/adapter"]
