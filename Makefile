@@ -6,6 +6,7 @@
 # Reviewing (no GPU):
 #   make review BASE=main   the pull-request comment against BASE (what .github/workflows/review.yml posts)
 #   make exps               the experiment table: changed params and headline metrics, one screen
+# (`make mutate` runs mutation testing by hand: README, Development.)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 
 BASE ?= main
 
-.PHONY: install install-gpu test repro smoke clean-smoke review exps
+.PHONY: install install-gpu test repro smoke clean-smoke mutate review exps
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,13 @@ test: install
 
 repro: install-gpu
 	$(VENV)/bin/dvc repro
+
+# Mutation testing of the pure modules (pyproject.toml [tool.mutmut]), by hand, never in CI:
+# one worker, as the fast unit tests are cheap and the machine is shared. Prints the score table.
+mutate: install
+	$(PIP) -e '.[test,mutate]'
+	$(VENV)/bin/mutmut run --max-children 1
+	$(VENV)/bin/mutmut results --all true | $(PY) -m tools.mutation_score
 
 smoke: install
 	$(PY) -m tools.smoke

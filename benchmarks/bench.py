@@ -181,7 +181,8 @@ def train_backend(workspace: Path, overrides: dict, flops_per_token: int, peak_t
 
 def generation(workspace: Path, overrides: dict) -> dict:
     seconds = run_in(workspace, overrides, ["evaluate_base"], fresh=False)  # data prepared by train_backend
-    return {**read_metrics(workspace, "eval_base.json")["generation"], "stage_seconds": seconds["evaluate_base"]}
+    return {**read_metrics(workspace, "cost/evaluate_base.json")["evaluate_base"],
+            **read_metrics(workspace, "info/evaluate_base.json")["generation"], "stage_seconds": seconds["evaluate_base"]}
 
 
 def pipeline(workspace: Path, overrides: dict) -> dict:

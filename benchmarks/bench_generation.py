@@ -5,7 +5,7 @@
 Builds the random Llama-3.1-8B-shaped model when --model-dir holds none, renders --prompts
 synthetic test questions (300-1,600 tokens, as benchmarks/bench.py makes them) with the
 pipeline's chat, and times stages.evaluation.generate_answers for each variant on the bf16
-model. New tokens/s counts generated tokens up to the end-of-turn, as metrics/eval.json does.
+model. New tokens/s counts generated tokens up to the end-of-turn, as metrics/cost/evaluate.json does.
 """
 
 from __future__ import annotations

@@ -42,9 +42,14 @@ def library_versions() -> dict[str, str]:
 
 
 def stage_code(stage: str = "train") -> list[Path]:
-    """The stage's own modules, as dvc.yaml lists them among its deps."""
-    spec = yaml.safe_load(paths.DVC_YAML.read_text(encoding="utf-8"))["stages"][stage]
-    return sorted(Path(dep) for dep in spec["deps"] if str(dep).endswith(".py"))
+    """The stage's own modules, as dvc.yaml lists them among its deps.
+
+    DVC runs stages from the project root, where dvc.yaml is; a stage run from another folder
+    (the benchmarks' scratch workspaces) fingerprints the project its code comes from.
+    """
+    root = Path.cwd() if paths.DVC_YAML.exists() else Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / paths.DVC_YAML).read_text(encoding="utf-8"))["stages"][stage]
+    return sorted(root / dep for dep in spec["deps"] if str(dep).endswith(".py"))
 
 
 def run_fingerprint(params) -> str:
@@ -54,7 +59,7 @@ def run_fingerprint(params) -> str:
                 params.lora, params.train, sorted(library_versions().items()))
     digest = hashlib.sha256(repr(settings).encode())
     for path in [paths.split_file("train"), paths.split_file("validation"), *stage_code()]:
-        digest.update(str(path).encode() + b"\0" + path.read_bytes())
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -1,10 +1,12 @@
-"""Evaluate the fine-tuned model: loss, answers to every test question, ROUGE, a review report.
+"""Evaluate the fine-tuned model against the base: loss, decisions, answers, ROUGE, a review report.
 
     python -m stages.evaluate       (or: dvc repro evaluate)
 
 Reads models/merged/, the prepared validation and test splits, and the base model's results
-(metrics/eval_base.json, metrics/predictions_base.jsonl); writes metrics/eval.json,
-metrics/predictions.jsonl (fine-tuned and base answers side by side) and metrics/report.md.
+(metrics/eval_base.json, metrics/predictions_base.jsonl); writes metrics/eval.json (quality
+under `tuned`, fine-tuned minus base with paired bootstrap intervals under `vs_base`),
+metrics/cost/evaluate.json, metrics/info/evaluate.json, metrics/predictions.jsonl (fine-tuned
+and base side by side), the plot data in metrics/eval_plots/ and metrics/report.md.
 """
 
 from __future__ import annotations
@@ -13,84 +15,59 @@ import json
 import logging
 
 from stages import paths
+from stages.bootstrap import paired_deltas
 from stages.errors import UserError, stage_entrypoint
 from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.outputs import check_writable, jsonl_text, read_jsonl, staged
 from stages.params import load_params
-from stages.rouge import ROUGE_TYPES
+from stages.report import decision_plot, report, rouge_plot, run_identity, side_by_side
 
 log = logging.getLogger("stages.evaluate")
 
-HEADLINE = [("validation", "loss"), ("validation", "perplexity"), ("test", "loss"), ("test", "perplexity"),
-            *(("test", name) for name in ROUGE_TYPES)]
 
-
-def side_by_side(predictions: list[dict], base_predictions: list[dict]) -> list[dict]:
-    base_by_id = {p["id"]: p for p in base_predictions}
-    merged = []
-    for prediction in predictions:
-        base = base_by_id.get(prediction["id"], {})
-        merged.append({
-            **prediction,
-            "base_answer": base.get("answer"),
-            **{f"base_{name}": base.get(name) for name in ROUGE_TYPES},
-        })
-    return merged
-
-
-def _quote(text: str | None) -> str:
-    return "<br>".join((text or "(none)").splitlines()).replace("|", "\\|")
-
-
-def report(metrics: dict, base_metrics: dict, records: list[dict], n_examples: int) -> str:
-    """Markdown for a code-review page: base vs fine-tuned, then the best and worst answers."""
-    lines = ["# Evaluation report", "", f"{metrics['test']['n']} test questions; ROUGE F1 with the "
-             f"`{metrics['rouge_tokenizer']['tokenizer']}` tokenizer, mean over questions.", "",
-             "| metric | base | fine-tuned | change |", "| --- | ---: | ---: | ---: |"]
-    for split, name in HEADLINE:
-        tuned, base = metrics[split][name], base_metrics.get(split, {}).get(name)
-        change = f"{tuned - base:+.4f}" if base is not None else ""
-        base_text = f"{base:.4f}" if base is not None else "n/a"
-        lines.append(f"| {split} {name} | {base_text} | {tuned:.4f} | {change} |")
-    best = sorted(records, key=lambda r: (-r["rougeL"], r["id"]))[:n_examples]
-    worst = sorted(records, key=lambda r: (r["rougeL"], r["id"]))[:n_examples]
-    for title, chosen in (("Best", best), ("Worst", worst)):
-        lines += ["", f"## {title} {len(chosen)} by fine-tuned ROUGE-L", ""]
-        for record in chosen:
-            base_rouge = record.get("base_rougeL")
-            lines += [
-                f"### {record['id']}: {record['question']}", "",
-                "| | answer | ROUGE-L |", "| --- | --- | ---: |",
-                f"| reference | {_quote(record['reference'])} | |",
-                f"| fine-tuned | {_quote(record['answer'])} | {record['rougeL']:.3f} |",
-                f"| base | {_quote(record.get('base_answer'))} | "
-                f"{'' if base_rouge is None else f'{base_rouge:.3f}'} |", "",
-            ]
-    return "\n".join(lines) + "\n"
+def read_base() -> tuple[dict, list[dict]]:
+    """The base model's quality metrics and per-question predictions, from evaluate_base."""
+    for needed, how in ((paths.EVAL_BASE_METRICS, "dvc repro evaluate_base"),
+                        (paths.BASE_PREDICTIONS, "dvc repro evaluate_base")):
+        if not needed.exists():
+            raise UserError(f"{needed} is missing; run `{how}` first")
+    base = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
+    predictions = read_jsonl(paths.BASE_PREDICTIONS)
+    if "base" not in base or not all("answer_nll" in p for p in predictions):
+        raise UserError(f"{paths.EVAL_BASE_METRICS} comes from an older version; run `dvc repro evaluate_base`")
+    return base["base"], predictions
 
 
 @stage_entrypoint
 def main() -> None:
     params = load_params()
-    check_writable(paths.PREDICTIONS, paths.REPORT, paths.EVAL_METRICS)
-    for needed, how in ((paths.MERGED_DIR / "config.json", "dvc repro merge"),
-                        (paths.EVAL_BASE_METRICS, "dvc repro evaluate_base"),
-                        (paths.BASE_PREDICTIONS, "dvc repro evaluate_base")):
-        if not needed.exists():
-            raise UserError(f"{needed} is missing; run `{how}` first")
-    base_metrics = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
-    base_predictions = read_jsonl(paths.BASE_PREDICTIONS)
+    check_writable(paths.PREDICTIONS, paths.REPORT, paths.EVAL_METRICS, paths.EVAL_INFO, paths.EVAL_COST,
+                   paths.DECISION_PLOT, paths.ROUGE_PLOT)
+    if not (paths.MERGED_DIR / "config.json").exists():
+        raise UserError(f"{paths.MERGED_DIR} is missing; run `dvc repro merge` first")
+    base_quality, base_predictions = read_base()
 
     tokenizer = load_tokenizer(str(paths.MERGED_DIR), what="models/merged")
     model = load_for_inference(str(paths.MERGED_DIR), what="models/merged")
-    metrics, predictions = evaluate_model(model, tokenizer, params)
-    records = side_by_side(predictions, base_predictions)
+    result = evaluate_model(model, tokenizer, params)
+    try:
+        records = side_by_side(result.predictions, base_predictions)
+    except ValueError:
+        raise UserError(f"{paths.BASE_PREDICTIONS} holds other test questions; run `dvc repro evaluate_base`") from None
+    deltas = paired_deltas(records, params.eval.bootstrap_samples, params.seed)
+    text = report(result.quality, base_quality, deltas, records, result.info, run_identity(),
+                  params.eval.report_examples, params.eval.bootstrap_samples)
 
-    with staged() as out:  # answers and report first, the metrics that summarise them last
+    # answers, plots and report first; the metrics that summarise them last, all renamed together
+    with staged() as out:
         out.text(paths.PREDICTIONS, jsonl_text(records))
-        out.text(paths.REPORT, report(metrics, base_metrics, records, params.eval.report_examples))
-        out.json(paths.EVAL_METRICS, metrics)
+        out.json(paths.DECISION_PLOT, decision_plot(records))
+        out.json(paths.ROUGE_PLOT, rouge_plot(records))
+        out.text(paths.REPORT, text)
+        out.json(paths.EVAL_INFO, result.info)
+        out.json(paths.EVAL_COST, {"evaluate": result.cost})
+        out.json(paths.EVAL_METRICS, {"tuned": result.quality, "vs_base": {"test": deltas}})
     log.info("wrote %s, %s and %s", paths.EVAL_METRICS, paths.PREDICTIONS, paths.REPORT)
 
 

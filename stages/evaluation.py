@@ -1,4 +1,5 @@
-"""Scoring a model on the prepared splits: answer-token loss, batched generation, ROUGE.
+"""Scoring a model on the prepared splits: answer-token loss, yes/no/maybe decisions, batched
+generation, ROUGE.
 
 Shared by stages/evaluate.py (the fine-tuned, merged model) and stages/evaluate_base.py (the
 16-bit base model without the adapter), so both are measured the same way.
@@ -9,8 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from stages import paths
+from stages.decision import check_same_chat, choose, decision_summary, option_examples, reference_label
 from stages.errors import UserError
 from stages.outputs import read_jsonl
 from stages.prompt import IGNORE_INDEX, encode, tokenize_example
@@ -31,35 +34,61 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def answer_loss(model, tokenizer, rows: list[dict], batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy per answer token (prompt tokens masked, as in training) and perplexity.
+def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, token count) of each example's labelled tokens, in input order.
 
-    Logits are computed only at answer positions: a full 128k-vocabulary logits tensor for a
+    `examples` are `tokenize_example` outputs: prompt tokens masked, completion tokens scored.
+    Logits are computed only at scored positions: a full 128k-vocabulary logits tensor for a
     batch of 2k-token rows would need many GB.
     """
     import torch
     import torch.nn.functional as F
 
-    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-    examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: less padding
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     device = model.device
-    total_loss, total_tokens = 0.0, 0
     with torch.inference_mode():
-        for batch in _batches(examples, batch_size):
-            width = max(len(e["input_ids"]) for e in batch)
+        for batch in _batches(order, batch_size):
+            width = max(len(examples[i]["input_ids"]) for i in batch)
             pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-            input_ids = torch.tensor([pad(e["input_ids"], tokenizer.pad_token_id) for e in batch], device=device)
-            labels = torch.tensor([pad(e["labels"], IGNORE_INDEX) for e in batch], device=device)
-            attention_mask = torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in batch], device=device)
+            input_ids = torch.tensor([pad(examples[i]["input_ids"], tokenizer.pad_token_id) for i in batch],
+                                     device=device)
+            labels = torch.tensor([pad(examples[i]["labels"], IGNORE_INDEX) for i in batch], device=device)
+            attention_mask = torch.tensor([pad([1] * len(examples[i]["input_ids"]), 0) for i in batch], device=device)
             hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             # Position t predicts token t+1.
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
             logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
-            total_loss += F.cross_entropy(logits, targets[scored], reduction="sum").item()
-            total_tokens += int(scored.sum())
-    loss = total_loss / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(rows), "answer_tokens": total_tokens}
+            token_logprobs = -F.cross_entropy(logits, targets[scored], reduction="none")
+            sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+            sums.index_add_(0, scored.nonzero()[:, 0], token_logprobs.double())
+            for i, total, count in zip(batch, sums.tolist(), scored.sum(dim=1).tolist()):
+                results[i] = (total, count)
+    return results
+
+
+def loss_summary(per_row: list[tuple[float, int]]) -> dict[str, float]:
+    """Mean cross-entropy per answer token over rows of (sum of log-probabilities, tokens)."""
+    total_tokens = sum(count for _, count in per_row)
+    if total_tokens == 0:  # a mean over nothing: loss 0 and perplexity 1 would read as a perfect model
+        raise UserError(
+            f"no answer token to score in {len(per_row)} prepared rows (an empty split, or every answer cut "
+            "off); rerun `dvc repro prepare`"
+        )
+    loss = -sum(total for total, _ in per_row) / total_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(per_row), "answer_tokens": total_tokens}
+
+
+def answer_scores(model, tokenizer, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """Per row: (sum of log-probabilities, count) of the reference answer's tokens, as in training."""
+    examples = [tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    return completion_logprobs(model, tokenizer, examples, batch_size)
+
+
+def answer_loss(model, tokenizer, rows: list[dict], batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy per answer token (prompt tokens masked, as in training) and perplexity."""
+    return loss_summary(answer_scores(model, tokenizer, rows, batch_size))
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -81,9 +110,10 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
 
     set_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers, new_tokens = [""] * len(prompts), 0
-    sampling = {"do_sample": True, "temperature": eval_params.temperature, "top_p": eval_params.top_p} \
-        if eval_params.do_sample else {"do_sample": False, "temperature": None, "top_p": None}
+    answers, cut_off, new_tokens = [""] * len(prompts), [False] * len(prompts), 0
+    do_sample, temperature, top_p = eval_params.do_sample, eval_params.temperature, eval_params.top_p
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
+        if do_sample else {"do_sample": False, "temperature": None, "top_p": None}
     stop_ids = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(prompts), desc="generating", unit="answer") as bar:
@@ -105,46 +135,106 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
                 **sampling,
             )
             for i, generated in zip(batch, output[:, width:].tolist()):
-                kept = []
+                kept, stopped = [], False
                 for token in generated:
                     if token in stop_ids:
+                        stopped = True
                         break
                     kept.append(token)
                 new_tokens += len(kept)
+                cut_off[i] = not stopped  # ran into max_new_tokens before its end of turn
                 answers[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
             bar.update(len(batch))
     seconds = time.perf_counter() - started
     stats = {
         "new_tokens_per_s": round(new_tokens / seconds, 1) if seconds else 0.0,
         "mean_new_tokens": new_tokens / max(len(prompts), 1),
+        "cut_off": cut_off,
     }
     return answers, stats
 
 
-def evaluate_model(model, tokenizer, params) -> tuple[dict, list[dict]]:
-    """metrics (nested metric -> split) and one prediction record per test row."""
-    eval_params = params.eval
+def score_decisions(model, tokenizer, rows: list[dict], params) -> tuple[list[dict | None], dict[str, int]]:
+    """Per row: the decision and each option's summed log-probability (None for a row without a
+    reference decision among the options); and how many tokens each option's reply takes."""
+    options, instruction = params.eval.decision_options, params.eval.decision_instruction
+    system, include_contexts = params.prompt.system, params.data.include_contexts
+    scored = [row for row in rows if reference_label(row, options) is not None]
+    examples = []
+    for row in scored:
+        check_same_chat(tokenizer, row, system, include_contexts)
+        examples += option_examples(tokenizer, row, system, include_contexts, instruction, options)
+    logprobs, labels = completion_logprobs(model, tokenizer, examples, params.eval.batch_size), list(options)
+    by_id = {}
+    for k, row in enumerate(scored):
+        per_option = {label: logprobs[k * len(labels) + j][0] for j, label in enumerate(labels)}
+        by_id[row["id"]] = {"decision": choose(per_option), "option_logprobs": per_option}
+    option_tokens = {label: logprobs[j][1] for j, label in enumerate(labels)} if scored else {}
+    return [by_id.get(row["id"]) for row in rows], option_tokens
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    quality: dict  # split -> metric: the numbers a reviewer compares (metrics/eval*.json)
+    cost: dict  # speed and seconds per phase (metrics/cost/)
+    info: dict  # counts, options, versions (metrics/info/)
+    predictions: list[dict]  # one record per test row
+
+
+def evaluate_model(model, tokenizer, params) -> Evaluation:
+    """Answer loss on validation and test; decisions, answers and ROUGE on test."""
+    eval_params, seconds = params.eval, {}
     validation, test = read_split("validation"), read_split("test")
     started = time.perf_counter()
-    metrics = {
-        "validation": answer_loss(model, tokenizer, validation, eval_params.batch_size),
-        "test": answer_loss(model, tokenizer, test, eval_params.batch_size),
-    }
-    log.info("loss: validation %.4f, test %.4f (%.1fs)", metrics["validation"]["loss"],
-             metrics["test"]["loss"], time.perf_counter() - started)
+    validation_loss = answer_loss(model, tokenizer, validation, eval_params.batch_size)
+    test_scores = answer_scores(model, tokenizer, test, eval_params.batch_size)
+    test_loss = loss_summary(test_scores)
+    seconds["loss"] = time.perf_counter() - started
+    log.info("loss: validation %.4f, test %.4f (%.1fs)", validation_loss["loss"], test_loss["loss"], seconds["loss"])
+
+    started = time.perf_counter()
+    decisions, option_tokens = score_decisions(model, tokenizer, test, params)
+    seconds["decision"] = time.perf_counter() - started
+    log.info("decisions: %d of %d test questions scored (%.1fs)",
+             sum(d is not None for d in decisions), len(test), seconds["decision"])
+
+    started = time.perf_counter()
     answers, generation = generate_answers(model, tokenizer, [r["prompt"] for r in test], eval_params, params.seed)
+    seconds["generation"] = time.perf_counter() - started
     scorer = RougeScorer(eval_params.rouge_tokenizer)
     predictions = []
-    for row, answer in zip(test, answers):
+    for row, answer, cut_off, (logprob, tokens), decided in zip(
+            test, answers, generation["cut_off"], test_scores, decisions):
+        decided = decided or {}
         predictions.append({
             "id": row["id"], "question": row["question"], "reference": row["answer"], "answer": answer,
-            **scorer.score(row["answer"], answer),
+            **scorer.score(row["answer"], answer), "cut_off": cut_off,
+            "answer_nll": -logprob, "answer_tokens": tokens,
+            "reference_decision": row.get("final_decision"),
+            "decision": decided.get("decision"), "option_logprobs": decided.get("option_logprobs"),
         })
-    metrics["test"].update(mean_scores(predictions))
-    metrics["generation"] = {
-        **generation, "batch_size": eval_params.batch_size, "max_new_tokens": eval_params.max_new_tokens,
+
+    decision_quality, decision_info = decision_summary(predictions, eval_params.decision_options)
+    if not decision_quality:
+        log.warning("no test row has a final_decision among eval.decision_options: no decision accuracy")
+    quality = {
+        "validation": {key: validation_loss[key] for key in ("loss", "perplexity")},
+        "test": {**{key: test_loss[key] for key in ("loss", "perplexity")}, **mean_scores(predictions),
+                 "cut_off": sum(generation["cut_off"]) / len(test), **decision_quality},
     }
-    metrics["rouge_tokenizer"] = scorer.describe()
-    log.info("test ROUGE-1/2/L %.4f/%.4f/%.4f; %.1f new tokens/s", metrics["test"]["rouge1"],
-             metrics["test"]["rouge2"], metrics["test"]["rougeL"], generation["new_tokens_per_s"])
-    return metrics, predictions
+    log.info("test ROUGE-1/2/L %.4f/%.4f/%.4f, decision accuracy %s; %.1f new tokens/s",
+             quality["test"]["rouge1"], quality["test"]["rouge2"], quality["test"]["rougeL"],
+             decision_quality.get("accuracy", "n/a"), generation["new_tokens_per_s"])
+    info = {
+        "validation": {key: validation_loss[key] for key in ("n", "answer_tokens")},
+        "test": {key: test_loss[key] for key in ("n", "answer_tokens")},
+        "decision": {**decision_info, "option_tokens": option_tokens},
+        "generation": {"mean_new_tokens": generation["mean_new_tokens"], "cut_off": sum(generation["cut_off"]),
+                       "max_new_tokens": eval_params.max_new_tokens},
+        "rouge": scorer.describe(),
+    }
+    cost = {
+        "new_tokens_per_s": generation["new_tokens_per_s"], "batch_size": eval_params.batch_size,
+        "seconds": {phase: round(value, 1) for phase, value in seconds.items()},
+    }
+    return Evaluation(quality, cost, info, predictions)

@@ -3,6 +3,9 @@
 dvc.yaml keeps `python -m stages.train`; with train.num_processes > 1 that process starts
 `accelerate launch --multi_gpu --num_processes N -m stages.train` (DDP through torchrun: NCCL on
 GPUs, gloo on a CPU) and exits with its exit code. Each launched process sees WORLD_SIZE.
+With train.accelerate_config the launch reads that accelerate config file too, so its machine
+count, machine rank and main process address spread the N processes over several machines:
+each machine runs the stage with its own file (README, Several machines).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from stages.errors import UserError
 
@@ -25,20 +29,45 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def needs_launch(num_processes: int) -> bool:
-    """True in the process dvc started when several are asked for and none is launched yet."""
-    return num_processes > 1 and "LOCAL_RANK" not in os.environ
+def needs_launch(num_processes: int, config_file: str | None = None) -> bool:
+    """True in the process dvc started when several (or a config file) are asked for and none is launched yet."""
+    return (num_processes > 1 or config_file is not None) and "LOCAL_RANK" not in os.environ
 
 
-def check_devices(num_processes: int, on_cuda: bool) -> None:
+def machines(num_processes: int, config_file: str | None) -> int:
+    """How many machines the processes spread over: 1, or the config file's num_machines (checked)."""
+    if config_file is None:
+        return 1
+    import yaml
+
+    where = f"train.accelerate_config = {config_file}"
+    if not Path(config_file).is_file():
+        raise UserError(f"{where}: no such file; write one with `accelerate config --config_file {config_file}` "
+                        "on this machine (README, Several machines) or set it to null")
+    try:
+        config = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))  # YAML or JSON, as accelerate reads
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: not a valid accelerate config ({str(exc).splitlines()[0]})") from None
+    count = config.get("num_machines", 1) if isinstance(config, dict) else None
+    if not isinstance(count, int) or count < 1:
+        raise UserError(f"{where}: not an accelerate config file (no whole num_machines >= 1 in it)")
+    if num_processes < 2 or num_processes % count:
+        raise UserError(f"{where} spreads training over {count} machine(s), but train.num_processes = "
+                        f"{num_processes}: set it to the processes of all machines together, a multiple of "
+                        f"{count} and at least 2")
+    return count
+
+
+def check_devices(num_processes: int, on_cuda: bool, machine_count: int = 1) -> None:
     if on_cuda:
         import torch
 
-        available = torch.cuda.device_count()
-        if available < num_processes:
+        available, wanted = torch.cuda.device_count(), num_processes // machine_count
+        if available < wanted:
+            per_machine = f" ({wanted} on each of {machine_count} machines)" if machine_count > 1 else ""
             raise UserError(
-                f"train.num_processes = {num_processes} but this machine has {available} CUDA GPU(s); "
-                f"set -S train.num_processes={available}"
+                f"train.num_processes = {num_processes}{per_machine} but this machine has {available} CUDA "
+                f"GPU(s); set -S train.num_processes={available * machine_count}"
             )
 
 
@@ -52,12 +81,15 @@ def use_one_gpu(num_processes: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
 
-def launch(num_processes: int, module: str = "stages.train") -> int:
+def launch(num_processes: int, config_file: str | None, backend: str, module: str = "stages.train") -> int:
+    # The file gives where the processes run; the params keep what they run: DDP, their
+    # number (all machines together) and the precision the stage chooses itself.
+    where = ["--config_file", str(config_file)] if config_file else ["--num_machines", "1"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module,
+        sys.executable, "-m", "accelerate.commands.launch", *where, "--multi_gpu", "--num_processes",
+        str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module,
     ]
-    log.info("launching %d processes: %s", num_processes, " ".join(command[1:]))
+    log.info("launching %d processes, backend %s: %s", num_processes, backend, " ".join(command[1:]))
     return subprocess.run(command).returncode
 
 

@@ -95,20 +95,14 @@ def load_tokenizer(name: str, what: str = "model.name"):
     return prepare_tokenizer(tokenizer)
 
 
-def choose_backend(requested: str, num_processes: int = 1) -> str:
+def choose_backend(requested: str) -> str:
     """auto -> unsloth on CUDA when it is installed, else transformers (PEFT + bitsandbytes).
 
-    Several processes (DDP) always use transformers: unsloth's free version trains on one GPU.
+    The same holds for several processes (train.num_processes > 1): unsloth 2026.10 trains under
+    accelerate's DDP with each rank on its own GPU (LOCAL_RANK), measured in benchmarks/README.md.
     """
     has_cuda = cuda_available()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
-    if num_processes > 1:
-        if requested == "unsloth":
-            raise UserError(
-                f"model.backend = unsloth trains on one GPU only; with train.num_processes = {num_processes} "
-                "use -S model.backend=transformers (or auto)"
-            )
-        return "transformers"
     if requested == "unsloth":
         if not has_cuda:
             raise UserError(
@@ -140,10 +134,10 @@ def compute_dtype():
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_for_training(model_params, lora_params, gradient_checkpointing: bool, seed: int, num_processes: int = 1):
+def load_for_training(model_params, lora_params, gradient_checkpointing: bool, seed: int):
     """Load the base model, attach fresh LoRA adapters, and return (model, tokenizer, backend)."""
     check_can_load(model_params)
-    backend = choose_backend(model_params.backend, num_processes)
+    backend = choose_backend(model_params.backend)
     log.info("loading %s with the %s backend", model_params.name, backend)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(model_params, lora_params, gradient_checkpointing, seed)

@@ -150,7 +150,8 @@ class TrainParams(_Section):
     per_device_eval_batch_size: Int = Field(8, gt=0)
     completion_only_loss: bool = True
     gradient_checkpointing: bool = True
-    num_processes: Int = Field(1, ge=1, le=64)
+    num_processes: Int = Field(1, ge=1, le=4096)
+    accelerate_config: Optional[str] = Field(None, min_length=1)
 
 
 class MergeParams(_Section):
@@ -166,6 +167,43 @@ class EvalParams(_Section):
     top_p: Float = Field(0.9, gt=0, le=1)
     rouge_tokenizer: Literal["morpheme", "whitespace", "char"] = "morpheme"
     report_examples: Int = Field(3, ge=0)
+    # Dataset label (final_decision) -> the one-word reply the model is scored on.
+    decision_options: dict[str, str] = {"yes": "예", "no": "아니요", "maybe": "불확실"}
+    # Appended to the training chat's user turn; {options} becomes the option words.
+    decision_instruction: str = "위 초록의 결과에 근거하여 질문에 {options} 중 한 단어로만 답하세요."
+    bootstrap_samples: Int = Field(1000, ge=100, le=100_000)
+
+    @field_validator("decision_options", mode="before")
+    @classmethod
+    def _yaml_booleans_are_words(cls, options):
+        # YAML 1.1 (PyYAML) reads an unquoted yes / no as a boolean: take it as the word it was.
+        if not isinstance(options, dict):
+            return options
+        word = lambda value: {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value  # noqa: E731
+        return {word(label): word(option) for label, option in options.items()}
+
+    @field_validator("decision_options")
+    @classmethod
+    def _distinct_options(cls, options: dict[str, str]) -> dict[str, str]:
+        options = {label.strip().lower(): option.strip() for label, option in options.items()}
+        if len(options) < 2:
+            raise ValueError("give at least two labels, e.g. {yes: 예, no: 아니요, maybe: 불확실}")
+        if not all(options) or not all(options.values()):
+            raise ValueError("labels and option words must not be empty")
+        if len(set(options.values())) < len(options):
+            raise ValueError("two labels share one option word; the decision would be ambiguous")
+        return options
+
+    @field_validator("decision_instruction")
+    @classmethod
+    def _names_the_options(cls, instruction: str) -> str:
+        try:
+            filled = instruction.format(options="")
+        except (KeyError, IndexError, ValueError):
+            filled = None
+        if "{options}" not in instruction or filled is None:
+            raise ValueError("must contain {options} (the option words) and no other {...} field")
+        return instruction
 
 
 class Params(_Section):

@@ -37,4 +37,13 @@ EVAL_BASE_METRICS = METRICS_DIR / "eval_base.json"
 PREDICTIONS = METRICS_DIR / "predictions.jsonl"
 BASE_PREDICTIONS = METRICS_DIR / "predictions_base.jsonl"
 REPORT = METRICS_DIR / "report.md"
+# Speed and time (metrics a reviewer may compare, kept apart from quality), and counts and
+# versions (plain outputs, not metrics).
+EVAL_COST = METRICS_DIR / "cost/evaluate.json"
+EVAL_BASE_COST = METRICS_DIR / "cost/evaluate_base.json"
+EVAL_INFO = METRICS_DIR / "info/evaluate.json"
+EVAL_BASE_INFO = METRICS_DIR / "info/evaluate_base.json"
+# Per-question data behind dvc.yaml's top-level plots (decision confusion, ROUGE-L scatter).
+DECISION_PLOT = METRICS_DIR / "eval_plots/decisions.json"
+ROUGE_PLOT = METRICS_DIR / "eval_plots/rougeL.json"
 PLOTS_DIR = METRICS_DIR / "plots"  # PNGs of every plot in dvc.yaml, viewable offline

@@ -36,6 +36,25 @@ def build_messages(
     return messages
 
 
+def decision_messages(
+    system: str,
+    question: str,
+    contexts: Sequence[str],
+    include_contexts: bool,
+    instruction: str,
+    options: Sequence[str],
+) -> list[dict]:
+    """The training chat with a one-word-answer instruction after the question and abstract.
+
+    `instruction` is `eval.decision_instruction`; its `{options}` becomes the option words in
+    order, e.g. "예, 아니요, 불확실". Each option is then scored as the assistant's whole reply.
+    """
+    messages = build_messages(system, question, contexts, include_contexts)
+    asked = instruction.format(options=", ".join(options))
+    messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n{asked}"}
+    return messages
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The chat up to and including the assistant header the model continues from."""
     if messages and messages[-1]["role"] == "assistant":

@@ -12,6 +12,8 @@ import unicodedata
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
+from stages.errors import UserError
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # Kiwi's punctuation and symbol tags: sentence marks, commas, brackets, ellipsis, dashes, others.
 KIWI_PUNCTUATION_TAGS = {"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB"}
@@ -68,8 +70,8 @@ class RougeScorer:
 
 
 def mean_scores(per_example: list[dict[str, float]]) -> dict[str, float]:
-    if not per_example:
-        return {name: 0.0 for name in ROUGE_TYPES}
+    if not per_example:  # a mean over nothing is no score; 0.0 would read as a measured result
+        raise UserError("no answers to score with ROUGE: the test split is empty; rerun `dvc repro prepare`")
     return {name: sum(s[name] for s in per_example) / len(per_example) for name in ROUGE_TYPES}
 
 

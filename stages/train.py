@@ -132,14 +132,13 @@ def main() -> None:
                    paths.CHECKPOINT_DIR / checkpoints.FINGERPRINT_FILE)
     launch.use_one_gpu(train.num_processes)
     on_cuda = cuda_available()
-    if launch.needs_launch(train.num_processes):
-        launch.check_devices(train.num_processes, on_cuda)
-        choose_backend(params.model.backend, train.num_processes)  # fail here, not in N processes
-        raise SystemExit(launch.launch(train.num_processes))
+    if launch.needs_launch(train.num_processes, train.accelerate_config):
+        machines = launch.machines(train.num_processes, train.accelerate_config)
+        launch.check_devices(train.num_processes, on_cuda, machines)
+        backend = choose_backend(params.model.backend)  # fail here, not in N processes
+        raise SystemExit(launch.launch(train.num_processes, train.accelerate_config, backend))
     launch.bind_device(on_cuda)
-    model, tokenizer, backend = load_for_training(
-        params.model, params.lora, train.gradient_checkpointing, params.seed, train.num_processes
-    )
+    model, tokenizer, backend = load_for_training(params.model, params.lora, train.gradient_checkpointing, params.seed)
     # Only now, after unsloth (when used) has patched them, import trl and transformers' pieces.
     import torch
     from accelerate import PartialState

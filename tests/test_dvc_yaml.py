@@ -98,6 +98,13 @@ def test_a_lora_change_reruns_train_merge_evaluate_but_not_prepare():
     assert not any(d.startswith("models/") for d in DVC["evaluate_base"]["deps"])
 
 
+def test_report_and_bootstrap_settings_rerun_evaluate_but_never_the_base_model():
+    for key in ("eval.report_examples", "eval.bootstrap_samples"):
+        assert _covered(key, DVC["evaluate"]["params"]) and not _covered(key, DVC["evaluate_base"]["params"])
+    for key in ("eval.decision_options", "eval.decision_instruction", "eval.max_new_tokens"):
+        assert _covered(key, DVC["evaluate"]["params"]) and _covered(key, DVC["evaluate_base"]["params"])
+
+
 def _stage_modules(module: str, seen=None) -> set[str]:
     seen = set() if seen is None else seen
     tree = ast.parse((ROOT / "stages" / f"{module}.py").read_text(encoding="utf-8"))
@@ -133,8 +140,18 @@ def test_outputs_in_dvc_yaml_match_stages_paths():
     assert not str(paths.CHECKPOINT_DIR).startswith(tuple(outs("train", "outs")))  # never a DVC output
     assert outs("train", "plots") == {str(paths.DVCLIVE_TRAIN_DIR / "plots/metrics")}
     assert outs("merge", "outs") == {str(paths.MERGED_DIR)}
-    assert outs("evaluate_base", "metrics") | outs("evaluate_base", "outs") == {
-        str(paths.EVAL_BASE_METRICS), str(paths.BASE_PREDICTIONS)}
-    assert outs("evaluate", "metrics") | outs("evaluate", "outs") == {
-        str(paths.EVAL_METRICS), str(paths.PREDICTIONS), str(paths.REPORT)}
+    assert outs("evaluate_base", "metrics") == {str(paths.EVAL_BASE_METRICS), str(paths.EVAL_BASE_COST)}
+    assert outs("evaluate_base", "outs") == {str(paths.BASE_PREDICTIONS), str(paths.EVAL_BASE_INFO)}
+    assert outs("evaluate", "metrics") == {str(paths.EVAL_METRICS), str(paths.EVAL_COST)}
+    assert outs("evaluate", "outs") == {str(paths.PREDICTIONS), str(paths.REPORT), str(paths.EVAL_INFO),
+                                        str(paths.DECISION_PLOT), str(paths.ROUGE_PLOT)}
     assert outs("plots", "outs") == {str(paths.PLOTS_DIR)}
+
+
+def test_top_level_plots_read_files_the_evaluate_stage_writes():
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    by_title = {title: spec for plot in plots for title, spec in plot.items()}
+    files = {file for spec in by_title.values() for axis in ("x", "y") if isinstance(spec[axis], dict)
+             for file in spec[axis]}
+    assert {str(paths.DECISION_PLOT), str(paths.ROUGE_PLOT)} <= files
+    assert sorted(spec["template"] for spec in by_title.values()) == ["confusion", "confusion", "linear", "scatter"]

@@ -1,9 +1,11 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from stages.errors import UserError
 from stages.params import load_params, parse_params
@@ -32,6 +34,7 @@ def test_shipped_params_are_the_reference_recipe():
     assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (12, 1)
     assert (train.learning_rate, train.warmup_steps, train.max_steps) == (2e-4, 5, 60)
     assert (train.optim, train.lr_scheduler_type, train.eval_steps) == ("adamw_8bit", "linear", 10)
+    assert (train.num_processes, train.accelerate_config) == (1, None)  # one GPU of this machine
     assert params.eval.rouge_tokenizer == "morpheme" and params.eval.max_new_tokens == 256
 
 
@@ -39,6 +42,8 @@ def test_shipped_params_are_the_reference_recipe():
     "key, value, expected",
     [
         ("lora.r", 0, "lora.r = 0"),
+        ("lora.dropout", 1.0, "lora.dropout = 1.0: Input should be less than 1"),
+        ("lora.dropout", -0.1, "lora.dropout = -0.1: Input should be greater than or equal to 0"),
         ("train.learning_rate", -1.0, "train.learning_rate = -1.0"),
         ("train.learning_rate", "fast", "train.learning_rate = 'fast'"),
         ("model.max_seq_length", 32, "model.max_seq_length = 32"),
@@ -47,6 +52,7 @@ def test_shipped_params_are_the_reference_recipe():
         ("data.val_size", 0.95, "val_size + test_size = 1.05"),
         ("data.test_size", 2.5, "a row count must be a whole number"),
         ("eval.rouge_tokenizer", "default", "eval.rouge_tokenizer = 'default'"),
+        ("train.accelerate_config", "", "train.accelerate_config = ''"),
     ],
 )
 def test_bad_values_name_the_key_and_value(raw, key, value, expected):
@@ -54,6 +60,89 @@ def test_bad_values_name_the_key_and_value(raw, key, value, expected):
         set_key(raw, key, value)
         parse_params(raw)
     assert expected in str(error.value)
+
+
+# Every bounded key at its edge: the last value accepted, then the first refused. mutmut does not
+# mutate these class-level bounds, so this table is what catches one dropped or moved.
+EDGES = [
+    ("data.source", "x", ""), ("data.min_chars", 0, -1), ("data.val_size", 0.01, 0), ("data.test_size", 0.01, 0),
+    ("model.name", "x", ""), ("model.base_16bit", "x", ""),
+    ("model.max_seq_length", 64, 63), ("model.max_seq_length", 131072, 131073),
+    ("lora.r", 1, 0), ("lora.alpha", 0.5, 0), ("lora.dropout", 0.0, -0.01), ("lora.dropout", 0.99, 1.0),
+    ("train.per_device_train_batch_size", 1, 0), ("train.gradient_accumulation_steps", 1, 0),
+    ("train.learning_rate", 1e-8, 0), ("train.learning_rate", 0.99, 1.0), ("train.warmup_steps", 0, -1),
+    ("train.num_train_epochs", 0.5, 0), ("train.weight_decay", 0.0, -0.01), ("train.eval_steps", 1, 0),
+    ("train.save_steps", 1, 0), ("train.logging_steps", 1, 0), ("train.per_device_eval_batch_size", 1, 0),
+    ("train.num_processes", 1, 0), ("train.num_processes", 4096, 4097),
+    ("eval.batch_size", 1, 0), ("eval.max_new_tokens", 1, 0), ("eval.temperature", 0.01, 0),
+    ("eval.top_p", 0.01, 0), ("eval.top_p", 1.0, 1.01), ("eval.report_examples", 0, -1),
+]
+
+
+@pytest.mark.parametrize("key, accepted, refused", EDGES)
+def test_each_bound_accepts_its_edge_and_refuses_what_is_past_it(raw, key, accepted, refused):
+    set_key(raw, key, accepted)
+    section, name = key.split(".")
+    assert getattr(getattr(parse_params(raw), section), name) == accepted
+    set_key(raw, key, refused)
+    with pytest.raises(UserError, match=f"^params.yaml: {re.escape(key)} = {re.escape(repr(refused))}: "):
+        parse_params(raw)
+
+
+def test_fractions_must_leave_training_rows(raw):
+    set_key(raw, "data.val_size", 0.5)
+    set_key(raw, "data.test_size", 0.49)
+    assert parse_params(raw).data.test_size == 0.49
+    set_key(raw, "data.test_size", 0.5)
+    with pytest.raises(UserError, match="val_size \\+ test_size = 1 leaves no training rows"):
+        parse_params(raw)
+    set_key(raw, "data.test_size", 3)  # a count: no sum with a fraction
+    assert parse_params(raw).data.test_size == 3
+
+
+def test_every_problem_is_reported_in_one_line(raw):
+    raw["lora"]["r"] = 0
+    raw["eval"]["top_p"] = 2
+    raw["data"]["val_size"] = "abc"
+    with pytest.raises(UserError) as error:
+        parse_params(raw)
+    message = str(error.value)
+    assert message.startswith("params.yaml: data.val_size")  # in the order of params.yaml's sections
+    assert message.endswith("; lora.r = 0: Input should be greater than 0; "
+                            "eval.top_p = 2: Input should be less than or equal to 1")
+    assert "= 'abc': Input should be a valid integer" in message and "\n" not in message
+
+
+def test_a_check_on_a_whole_section_names_the_section(raw):
+    raw["data"]["val_size"] = 0.95
+    with pytest.raises(UserError) as error:
+        parse_params(raw, "exp.yaml")
+    assert str(error.value) == "exp.yaml: data: val_size + test_size = 1.05 leaves no training rows; make the sum below 1"
+
+
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"^params.yaml: expected a mapping of sections, got list$"):
+        parse_params([1])
+    (tmp_path / "params.yaml").write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match=r"params.yaml: expected a mapping of sections, got NoneType$"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_names_the_file_in_every_error(tmp_path, raw):
+    path = tmp_path / "params.yaml"
+    with pytest.raises(UserError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: not found; run from the project root, where params.yaml is"
+    path.write_text("lora: [r: 8\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{path}: not valid YAML \("):
+        load_params(path)
+    raw["lora"]["r"] = 0
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(UserError, match=rf"^{path}: lora.r = 0: "):
+        load_params(path)
+    raw["lora"]["r"] = 8
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert load_params(path).lora.r == 8
 
 
 def test_unknown_keys_are_rejected(raw):
@@ -107,8 +196,9 @@ def test_yaml_exponent_without_dot_still_parses_as_a_number(raw):
 
 def test_params_are_frozen(raw):
     params = parse_params(raw)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.lora.r = 8
+    assert params.lora.r == 16
 
 
 def test_a_stage_reports_bad_params_in_one_line_and_exits_non_zero(tmp_path, raw):

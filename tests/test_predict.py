@@ -1,29 +1,36 @@
 """Asking the model one question: the same prompt and answer as evaluation."""
 
+import shutil
+
 import pytest
 
-from stages import predict
-from stages.evaluation import generate_answers
-from stages.modeling import load_for_inference, load_tokenizer
+from stages import paths, predict
 from stages.outputs import read_jsonl
-from stages.params import load_params
 
 
-def test_predict_streams_the_answer_evaluation_gives(pipeline_run, monkeypatch, capsys):
-    monkeypatch.chdir(pipeline_run)
-    row = read_jsonl(pipeline_run / "data/prepared/test.jsonl")[0]
-    params = load_params()
-    model = load_for_inference("models/merged", "models/merged")
-    tokenizer = load_tokenizer("models/merged")
-    [expected], _ = generate_answers(model, tokenizer, [row["prompt"]], params.eval, params.seed)
+def test_predict_streams_the_answers_evaluation_recorded(pipeline_run, tmp_path, monkeypatch, capsys):
+    # The smoke run's fine-tuned model answers "." to everything, so models/merged is swapped for
+    # the untrained base model, whose answers depend on the whole prompt: predict must then give
+    # the base answer that evaluate_base recorded for the same question and abstract.
+    workspace = tmp_path / "ws"
+    shutil.copytree(pipeline_run, workspace, symlinks=True)
+    shutil.rmtree(workspace / paths.MERGED_DIR)
+    shutil.copytree(workspace / "models/tiny-base", workspace / paths.MERGED_DIR)
+    monkeypatch.chdir(workspace)
+    rows = read_jsonl(paths.split_file("test"))
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
+    index = (longest + 1) % len(rows)  # not the longest prompt: batching reorders it
+    row, record = rows[index], read_jsonl(paths.PREDICTIONS)[index]
+    assert record["id"] == row["id"]
+    assert len({r["base_answer"] for r in read_jsonl(paths.PREDICTIONS)}) > 1  # a wrong prompt would show
 
     argv = [row["question"], *sum((["--context", c] for c in row["contexts"]), [])]
     capsys.readouterr()
     predict.main(argv)
-    assert capsys.readouterr().out.strip() == expected
+    assert capsys.readouterr().out.strip() == record["base_answer"]
 
-    predict.main([*argv, "--adapter"])  # adapter on the base: the same greedy answer
-    assert capsys.readouterr().out.strip() == expected
+    predict.main([*argv, "--adapter"])  # the adapter on the base: the fine-tuned greedy answer
+    assert capsys.readouterr().out.strip() == record["answer"]
 
 
 def test_predict_without_a_model_says_what_to_run(workspace, capsys):

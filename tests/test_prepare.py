@@ -7,7 +7,9 @@ import pytest
 
 from conftest import write_params
 from stages import paths, prepare
-from stages.prompt import encode
+from stages.params import load_params
+from stages.prompt import build_messages, encode
+from stages.records import clean_records
 
 
 def _outputs() -> dict[str, bytes]:
@@ -27,7 +29,8 @@ def test_splits_metrics_and_rendered_chats(workspace, tiny_tokenizer):
     metrics = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
     splits = {s: [json.loads(line) for line in paths.split_file(s).open(encoding="utf-8")] for s in paths.SPLITS}
     assert metrics["rows"] == {"read": 52, "kept": 49, "train": 39, "validation": 5, "test": 5}
-    assert metrics["dropped"]["duplicate_question"] == 1 and metrics["dropped"]["too_long"] == 0
+    assert metrics["dropped"] == {"missing_question": 0, "missing_answer": 1, "short_question": 1, "short_answer": 0,
+                                  "duplicate_id": 0, "duplicate_question": 1, "too_long": 0}
     assert len(metrics["source_sha256"]) == 64
     ids = [r["id"] for rows in splits.values() for r in rows]
     assert len(ids) == len(set(ids))
@@ -58,10 +61,29 @@ def test_truncation_shortens_the_abstract_never_the_answer(workspace, sample_rec
         assert len(kept_abstract) < len(full_abstract) and full_abstract.startswith(kept_abstract)
 
 
-def test_questions_that_cannot_fit_are_dropped_and_counted(workspace):
+def test_rows_that_cannot_fit_are_dropped_and_counted(workspace, sample_records, tiny_tokenizer):
+    limit = 245  # between the shortest (207 tokens) and longest (265) question + answer chats
+    write_params(workspace, {"model.max_seq_length": limit, "data.include_contexts": False})
+    prepare.main()
+    params = load_params()
+    cleaned, _, _ = clean_records(sample_records, params.data.min_chars)
+    chat_tokens = {row["id"]: len(tiny_tokenizer.apply_chat_template(
+        build_messages(params.prompt.system, row["question"], [], False, row["answer"]), tokenize=True,
+        return_dict=False)) for row in cleaned}
+    too_long = {row_id for row_id, n in chat_tokens.items() if n > limit}
+    assert 0 < len(too_long) < len(cleaned)
+    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
+    assert metrics["dropped"]["too_long"] == len(too_long)
+    assert metrics["rows"]["kept"] == len(cleaned) - len(too_long) == sum(metrics["rows"][s] for s in paths.SPLITS)
+    kept = {json.loads(line)["id"] for s in paths.SPLITS for line in paths.split_file(s).open(encoding="utf-8")}
+    assert kept == set(chat_tokens) - too_long
+
+
+def test_when_no_row_fits_prepare_stops_and_writes_nothing(workspace, capsys):
     write_params(workspace, {"model.max_seq_length": 64, "data.include_contexts": False})
     with pytest.raises(SystemExit):  # nothing fits in 64 tokens with the system prompt
         prepare.main()
+    assert "error: no row fits model.max_seq_length = 64 tokens" in capsys.readouterr().err
     assert not paths.PREPARED_DIR.exists()
 
 
@@ -70,7 +92,7 @@ def test_questions_that_cannot_fit_are_dropped_and_counted(workspace):
     [
         ({"data.source": "data/nope.json"}, "data.source = data/nope.json: no such file"),
         ({"data.val_size": 30, "data.test_size": 19}, "every split needs at least one row"),
-        ({"model.name": "./models/missing-model"}, "model.name = ./models/missing-model: no such folder"),
+        ({"model.name": "./models/missing-model"}, "model.name = ./models/missing-model: no such file or folder"),
     ],
 )
 def test_bad_input_leaves_previous_outputs_intact(workspace, capsys, overrides, message):

@@ -7,8 +7,31 @@ def test_user_turn_holds_question_and_abstract_when_asked():
     with_abstract = build_messages("시스템", "질문?", ["첫 문단.", "둘째 문단."], True, "답.")
     assert [m["role"] for m in with_abstract] == ["system", "user", "assistant"]
     assert with_abstract[1]["content"] == "질문: 질문?\n\n초록:\n첫 문단.\n\n둘째 문단."
+    assert with_abstract[0] == {"role": "system", "content": "시스템"}
+    assert with_abstract[2] == {"role": "assistant", "content": "답."}
     bare = build_messages("", "질문?", ["첫 문단."], False)
     assert bare == [{"role": "user", "content": "질문?"}]
+    assert build_messages("", "질문?", ["첫 문단."]) == build_messages("", "질문?", ["첫 문단."], True)  # default
+    assert build_messages("", "질문?", [], True) == bare  # no abstract: the bare question
+
+
+def test_a_template_that_renders_the_answer_turn_differently_is_refused(tiny_tokenizer):
+    import copy
+
+    import pytest
+
+    from stages.errors import UserError
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # The generation prompt says "assistant", the rendered answer turn "model": no prompt + answer split.
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{{ m['role'] if m['role'] != 'assistant' else 'model' }}: {{ m['content'] }}\n"
+        "{%- endfor %}{%- if add_generation_prompt %}assistant: {%- endif %}"
+    )
+    with pytest.raises(UserError) as error:
+        render_prompt_completion(tokenizer, build_messages("", "질문?", [], True, "답."))
+    assert str(error.value) == ("the tokenizer's chat template does not render the conversation as prompt + answer; "
+                                "use a Llama-3-style chat model or fix its chat_template")
 
 
 def test_prompt_plus_completion_is_the_whole_chat(tiny_tokenizer):
@@ -28,6 +51,9 @@ def test_tokenize_example_masks_exactly_the_prompt(tiny_tokenizer):
     example = tokenize_example(tiny_tokenizer, prompt, completion)
     n_prompt = len(encode(tiny_tokenizer, prompt))
     assert example["input_ids"][0] == tiny_tokenizer.bos_token_id
+    # Plain tokenizer(text) prepends <|begin_of_text|>, as Llama 3's does; the rendered chat already
+    # holds it, so encoding must not add a second one.
+    assert tiny_tokenizer("질문")["input_ids"][0] == tiny_tokenizer.bos_token_id
     assert example["input_ids"].count(tiny_tokenizer.bos_token_id) == 1
     assert example["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:] == encode(tiny_tokenizer, completion)

@@ -66,15 +66,23 @@ def interrupted_run(workspace: Path, where: str, at: int, sig: int) -> subproces
     marker.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(workspace), "HOLD_WHERE": where, "HOLD_AT": str(at),
            "HOLD_MARKER": str(marker)}
+    # As in a terminal, where Ctrl-C reaches a program with SIGINT's default action: a test runner
+    # started in the background (`cmd &` in a script, as CI may be) passes SIGINT down as ignored.
     process = subprocess.Popen([sys.executable, str(script)], cwd=workspace, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run never reached the hold point"
         time.sleep(0.2)
     process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
+    try:  # generous: on a loaded 2-core CI machine the interpreter's shutdown alone can take a while
+        stdout, stderr = process.communicate(timeout=360)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the run did not stop within 6 minutes of signal {sig}:\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 

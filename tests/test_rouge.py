@@ -3,6 +3,7 @@
 import pytest
 from rouge_score import rouge_scorer
 
+from stages.errors import UserError
 from stages.rouge import KoreanTokenizer, RougeScorer, mean_scores
 
 REFERENCE = "고혈압 환자에서 운동은 혈압을 낮춘다"
@@ -34,6 +35,24 @@ def test_partial_overlap_by_hand_morpheme():
     assert scores == pytest.approx({"rouge1": 0.75, "rouge2": 5 / 7, "rougeL": 0.75})
 
 
+def test_char_and_whitespace_tokenizers_score_differently_by_hand():
+    # Words: 혈압을 낮춘다 / 혈압이 낮다 share none, so every whitespace score is 0. Characters: the
+    # reference has 6 (혈 압 을 낮 춘 다), the prediction 5 (혈 압 이 낮 다); 4 shared, in order.
+    # ROUGE-1 = ROUGE-L: P = 4/5, R = 4/6, F = 8/11. ROUGE-2: 혈압 is the one shared bigram of the
+    # prediction's 4 and the reference's 5: P = 1/4, R = 1/5, F = 2/9.
+    reference, prediction = "혈압을 낮춘다", "혈압이 낮다"
+    assert KoreanTokenizer("char").tokenize(reference) == ["혈", "압", "을", "낮", "춘", "다"]
+    assert KoreanTokenizer("whitespace").tokenize(reference) == ["혈압을", "낮춘다"]
+    assert RougeScorer("whitespace").score(reference, prediction) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert RougeScorer("char").score(reference, prediction) == pytest.approx(
+        {"rouge1": 8 / 11, "rouge2": 2 / 9, "rougeL": 8 / 11})
+
+
+def test_an_unknown_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="unknown ROUGE tokenizer 'default'"):
+        KoreanTokenizer("default")
+
+
 @pytest.mark.parametrize("kind", ["morpheme", "whitespace", "char"])
 def test_hangul_is_never_dropped(kind):
     tokens = KoreanTokenizer(kind).tokenize("비타민 D 보충은 골절을 줄인다, 유의하게!")
@@ -46,7 +65,11 @@ def test_hangul_is_never_dropped(kind):
 
 def test_normalisation_folds_width_and_case():
     tokenizer = KoreanTokenizer("whitespace")
-    assert tokenizer.tokenize("ＣＯＶＩＤ １９ 환자") == tokenizer.tokenize("covid 19 환자")
+    assert tokenizer.tokenize("ＣＯＶＩＤ １９ 환자") == tokenizer.tokenize("covid 19 환자") == ["covid", "19", "환자"]
+
+
+def test_morphemes_are_the_default():
+    assert KoreanTokenizer().kind == "morpheme" and RougeScorer().kind == "morpheme"
 
 
 def test_the_mean_is_the_plain_mean_of_examples():
@@ -54,7 +77,24 @@ def test_the_mean_is_the_plain_mean_of_examples():
     assert mean_scores(per_example) == {"rouge1": 0.5, "rouge2": 0.25, "rougeL": 0.75}
 
 
+def test_the_mean_of_no_examples_is_an_error_not_a_zero_score():
+    with pytest.raises(UserError, match="^no answers to score with ROUGE: the test split is empty; "
+                                        "rerun `dvc repro prepare`$") as error:
+        mean_scores([])
+    assert "\n" not in str(error.value)
+
+
 def test_the_scorer_records_what_produced_the_numbers():
-    info = RougeScorer("morpheme").describe()
-    assert info["tokenizer"] == "morpheme"
-    assert info["kiwipiepy"] != "unknown" and info["kiwipiepy_model"] != "unknown"
+    from importlib.metadata import version
+
+    assert RougeScorer("morpheme").describe() == {
+        "tokenizer": "morpheme", "rouge_score": version("rouge-score"), "kiwipiepy": version("kiwipiepy"),
+        "kiwipiepy_model": version("kiwipiepy_model")}
+    assert RougeScorer("char").describe() == {"tokenizer": "char", "rouge_score": version("rouge-score")}
+    assert "unknown" not in RougeScorer("morpheme").describe().values()
+
+
+def test_a_package_without_metadata_is_unknown():
+    from stages.rouge import _version
+
+    assert _version("no-such-package-for-this-test") == "unknown"

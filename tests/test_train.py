@@ -11,7 +11,7 @@ from conftest import write_params
 from stages import modeling, paths, prepare, train
 from stages.errors import UserError
 from stages.params import load_params
-from stages.prompt import IGNORE_INDEX, encode
+from stages.prompt import IGNORE_INDEX, build_messages, encode
 
 
 def _loss_curve(name="train/loss"):
@@ -28,7 +28,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     eval_curve = _loss_curve("eval/loss")
     assert [step for step, _ in eval_curve] == [8, 16, 24]
     base = json.loads(paths.EVAL_BASE_METRICS.read_text(encoding="utf-8"))
-    assert eval_curve[-1][1] < base["validation"]["loss"] - 0.05  # better than the untrained base
+    assert eval_curve[-1][1] < base["base"]["validation"]["loss"] - 0.05  # better than the untrained base
     metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))["train"]
     info = json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))
     cost = json.loads(paths.TRAIN_COST.read_text(encoding="utf-8"))["train"]
@@ -44,7 +44,11 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     # sorted, so identical runs give a byte-identical adapter (PEFT keeps the names in a set)
     assert adapter_config["r"] == 16 and adapter_config["target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert (paths.ADAPTER_DIR / "tokenizer.json").exists() and (paths.ADAPTER_DIR / "chat_template.jinja").exists()
+    # The adapter carries the training tokenizer: the same vocabulary and the same rendered chat.
+    saved, trained_with = modeling.load_tokenizer(str(paths.ADAPTER_DIR)), modeling.load_tokenizer("models/tiny-base")
+    chat = build_messages("시스템", "질문?", ["문단."], True, "답변입니다.")
+    assert saved.get_vocab() == trained_with.get_vocab() and saved.pad_token == trained_with.pad_token
+    assert saved.apply_chat_template(chat, tokenize=False) == trained_with.apply_chat_template(chat, tokenize=False)
 
 
 def test_unsloth_is_never_imported_on_cpu(pipeline_run):
@@ -52,6 +56,41 @@ def test_unsloth_is_never_imported_on_cpu(pipeline_run):
     assert modeling.choose_backend("auto") == "transformers"
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         modeling.choose_backend("unsloth")
+
+
+@pytest.mark.parametrize(
+    "requested, cuda, unsloth_installed, expected",
+    [
+        ("auto", True, True, "unsloth"),  # one process or several (unsloth trains under DDP too)
+        ("auto", True, False, "transformers"),
+        ("auto", False, True, "transformers"),
+        ("unsloth", True, True, "unsloth"),
+        ("transformers", True, True, "transformers"),
+        ("unsloth", False, True, "model.backend = unsloth needs a CUDA GPU"),
+        ("unsloth", True, False, "unsloth is not installed: pip install -e '.[gpu]'"),
+    ],
+)
+def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, unsloth_installed, expected):
+    # The GPU machine's decisions, taken on this CPU: CUDA and an installed unsloth are what
+    # choose_backend looks at, and both are faked here; nothing is imported.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "unsloth":
+            return real_find_spec("json") if unsloth_installed else None  # any spec stands for "installed"
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(modeling, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    if expected in ("unsloth", "transformers"):
+        assert modeling.choose_backend(requested) == expected
+    else:
+        with pytest.raises(UserError) as error:
+            modeling.choose_backend(requested)
+        assert expected in str(error.value) and "\n" not in str(error.value)
+    assert "unsloth" not in sys.modules
 
 
 def test_4bit_on_a_cpu_says_a_gpu_is_needed(workspace):
@@ -79,6 +118,35 @@ def test_prompt_tokens_are_masked_in_real_training_batches(workspace, tiny_token
         assert not answer[:n_prompt].any() and answer[n_prompt:].all()
         assert torch.equal(labels[:n_real][answer], input_ids[:n_real][answer])
         assert (labels[n_real:] == IGNORE_INDEX).all()  # padding never counts
+
+
+@pytest.mark.parametrize("completion_only_loss", [False, True])
+def test_train_computes_the_loss_on_the_tokens_completion_only_loss_says(workspace, monkeypatch, completion_only_loss):
+    from trl import SFTTrainer
+
+    write_params(workspace, {"train.completion_only_loss": completion_only_loss, "train.max_steps": 1,
+                             "train.eval_steps": 1, "train.save_steps": 1})
+    prepare.main()
+    seen, original = [], SFTTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):  # every batch the loss is computed on
+        seen.append({key: inputs[key].detach().clone() for key in ("input_ids", "labels", "attention_mask")})
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", recording)
+    train.main()
+    assert len(seen) >= 2  # a training step and the validation batches
+    for batch in seen:
+        for input_ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            n_real = int(mask.sum())
+            target = labels[:n_real] != IGNORE_INDEX
+            assert torch.equal(labels[:n_real][target], input_ids[:n_real][target])
+            assert (labels[n_real:] == IGNORE_INDEX).all()  # padding never counts
+            if completion_only_loss:  # a masked prompt, then the answer
+                n_prompt = int((~target).sum())
+                assert n_prompt > 0 and not target[:n_prompt].any() and target[n_prompt:].all()
+            else:  # every real token is a target, the prompt's included
+                assert target.all()
 
 
 def test_all_masked_data_stops_with_a_clear_message(workspace, capsys):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages.headline import HEADLINE
 from tools.review import flatten
@@ -75,16 +76,25 @@ def repo(smoke_template, tmp_path_factory):
     return dest
 
 
+def _paths(entries) -> list[str]:
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+
+
 def test_repro_writes_every_output_and_a_second_repro_does_nothing(repo):
-    for path in ["data/prepared/train.jsonl", "metrics/info/prepare.json", "models/adapter/adapter_config.json",
-                 "metrics/train.json", "dvclive/train/plots/metrics/train/loss.tsv", "models/merged/config.json",
-                 "metrics/eval_base.json", "metrics/eval.json", "metrics/predictions.jsonl", "metrics/report.md",
-                 "metrics/plots/loss-per-optimizer-step.png"]:
-        assert (repo / path).exists(), path
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    assert set(lock) == set(declared)
+    for name, stage in declared.items():
+        outputs = sorted(_paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])))
+        recorded = {out["path"]: out for out in lock[name]["outs"]}
+        assert sorted(recorded) == outputs, name
+        for path in outputs:  # written, hashed in dvc.lock; `dvc status` below says each still matches
+            assert recorded[path]["md5"] and recorded[path]["size"] > 0, path
+    assert (repo / "metrics/plots/loss-per-optimizer-step.png").stat().st_size > 0
     assert not (repo / "dvclive/train/metrics.json").exists()  # DVCLive's summary repeats metrics/train.json
     # the declared metrics are numbers to compare: counters, versions and hashes are plain outputs
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo))
-    assert "metrics/info/prepare.json" not in json.dumps(shown) and "versions" not in json.dumps(shown)
+    assert "metrics/info/" not in json.dumps(shown) and "versions" not in json.dumps(shown)
     output = dvc("repro", cwd=repo)
     assert ran(output) == []
     assert "didn't change" in output or "up to date" in output
@@ -104,12 +114,6 @@ def test_a_lora_change_marks_train_and_downstream_not_prepare(repo):
         (repo / "params.yaml").write_text(params, encoding="utf-8")
 
 
-def _without_timing(metrics: dict) -> dict:
-    metrics = json.loads(json.dumps(metrics))
-    metrics["generation"].pop("new_tokens_per_s")  # wall-clock speed: the only number that may move
-    return metrics
-
-
 def test_two_full_runs_give_identical_splits_adapters_and_metrics(repo, pipeline_run):
     # `repo` ran through `dvc repro` in subprocesses, `pipeline_run` in-process: same params.
     for split in ("train", "validation", "test"):
@@ -122,9 +126,9 @@ def test_two_full_runs_give_identical_splits_adapters_and_metrics(repo, pipeline
     assert adapter == sorted(p.name for p in (pipeline_run / "models/adapter").iterdir())
     for name in adapter:
         assert (repo / "models/adapter" / name).read_bytes() == (pipeline_run / "models/adapter" / name).read_bytes(), name
-    for name in ("eval.json", "eval_base.json"):
-        ours, theirs = (json.loads((root / "metrics" / name).read_text()) for root in (repo, pipeline_run))
-        assert _without_timing(ours) == _without_timing(theirs)
+    # Quality metrics hold no timing (that is in metrics/cost/): byte-identical between runs.
+    for name in ("eval.json", "eval_base.json", "info/evaluate.json", "eval_plots/decisions.json"):
+        assert (repo / "metrics" / name).read_bytes() == (pipeline_run / "metrics" / name).read_bytes(), name
     assert (repo / "metrics/predictions.jsonl").read_bytes() == (pipeline_run / "metrics/predictions.jsonl").read_bytes()
 
 
@@ -152,18 +156,38 @@ def test_an_experiment_reruns_only_what_depends_on_the_change(repo, tmp_path):
                 for exp in experiments}
     assert params_r == {"8"}
     assert "eval.json" in json.dumps(experiments[0]["revs"][0]["data"]["metrics"])
+    # DVC rewrote params.yaml, unquoting eval.decision_options' yes / no keys: still the labels.
+    assert "accuracy" in json.loads((repo / "metrics/eval.json").read_text(encoding="utf-8"))["tuned"]["test"]
+    report = (repo / "metrics/report.md").read_text(encoding="utf-8")
+    assert "**Params changed from the commit:** `lora.r` 16 \u2192 8\n" in report
+    assert re.search(r"\*\*Run:\*\* experiment `[\w-]+` on commit `[0-9a-f]{7}`", report)
 
     # The experiment's results are in the workspace: diff them against the baseline commit.
     params_diff = json.loads(dvc("params", "diff", "--json", cwd=repo))
     assert params_diff["params.yaml"]["lora.r"]["old"] == 16 and params_diff["params.yaml"]["lora.r"]["new"] == 8
     metrics_diff = json.loads(dvc("metrics", "diff", "--json", cwd=repo))
-    assert "test.loss" in metrics_diff["metrics/eval.json"]
+    assert "tuned.test.loss" in metrics_diff["metrics/eval.json"]
+    assert "vs_base.test.rougeL.delta" in metrics_diff["metrics/eval.json"]
     assert "metrics/eval_base.json" not in metrics_diff  # the baseline was not rerun
 
     out_dir = tmp_path / "plots"
     dvc("plots", "diff", "HEAD", "-o", str(out_dir), cwd=repo)
     page = (out_dir / "index.html").read_text(encoding="utf-8")
     assert "HEAD" in page and "workspace" in page and "loss" in page
+    assert "Decisions of the fine-tuned model" in page and "ROUGE-L per test question" in page
+
+
+def test_plots_show_renders_the_decision_matrices_and_the_rouge_scatter(repo):
+    shown = json.loads(dvc("plots", "show", "--json", cwd=repo))["data"]
+    decisions = json.loads((repo / "metrics/eval_plots/decisions.json").read_text(encoding="utf-8"))
+    for title, field in (("Decisions of the base model", "base"), ("Decisions of the fine-tuned model", "fine_tuned")):
+        [plot] = shown[title]
+        spec = plot["content"]["spec"]
+        assert spec["encoding"]["x"]["field"] == "reference" and spec["encoding"]["y"]["field"] == field
+        values = plot["content"]["data"]["values"]
+        assert [(v["reference"], v[field]) for v in values] == [(d["reference"], d[field]) for d in decisions]
+    [scatter] = shown["ROUGE-L per test question, base (x) vs fine-tuned (y)"]
+    assert len(scatter["content"]["data"]["values"]) == 5
 
 
 

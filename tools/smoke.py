@@ -136,7 +136,7 @@ def main() -> None:
     dvc(workspace, "repro")
     metrics = json.loads((workspace / "metrics/eval.json").read_text(encoding="utf-8"))
     print(f"\nsmoke run done in {time.perf_counter() - started:.0f}s. Test metrics of the tiny model:")
-    print(json.dumps(metrics["test"], indent=2, ensure_ascii=False))
+    print(json.dumps(metrics["tuned"]["test"], indent=2, ensure_ascii=False))
     print(f"Report: {workspace}/metrics/report.md, plots: {workspace}/metrics/plots/")
     if args.grid:
         run_grid(workspace)

@@ -48,7 +48,7 @@ def corpus_from(data_file: Path) -> list[str]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 1024):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -60,6 +60,12 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    # As Llama 3's tokenizer does, plain tokenizer(text) calls prepend <|begin_of_text|>: a prompt
+    # that already holds it and is encoded with special tokens would start with two.
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|begin_of_text|>",
