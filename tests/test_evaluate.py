@@ -29,7 +29,7 @@ def base(pipeline_run):
     # The untrained tiny model: its greedy answers differ from question to question, where the
     # smoke run's fine-tuned one answers "." to all, so only these show answers attached to the
     # wrong question.
-    directory = str(pipeline_run / "models/tiny-base")
+    directory = str(pipeline_run / "tiny-base")
     return load_for_inference(directory, "model.base_16bit"), load_tokenizer(directory)
 
 

@@ -72,9 +72,9 @@ def test_rows_that_cannot_fit_are_dropped_and_counted(workspace, sample_records,
         return_dict=False)) for row in cleaned}
     too_long = {row_id for row_id, n in chat_tokens.items() if n > limit}
     assert 0 < len(too_long) < len(cleaned)
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
-    assert metrics["dropped"]["too_long"] == len(too_long)
-    assert metrics["rows"]["kept"] == len(cleaned) - len(too_long) == sum(metrics["rows"][s] for s in paths.SPLITS)
+    info = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
+    assert info["dropped"]["too_long"] == len(too_long)
+    assert info["rows"]["kept"] == len(cleaned) - len(too_long) == sum(info["rows"][s] for s in paths.SPLITS)
     kept = {json.loads(line)["id"] for s in paths.SPLITS for line in paths.split_file(s).open(encoding="utf-8")}
     assert kept == set(chat_tokens) - too_long
 
