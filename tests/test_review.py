@@ -59,22 +59,31 @@ def test_plot_names_are_short_and_stable():
 BASE_METRICS = {
     "metrics/train.json": {"train": {"loss": 1.5, "eval_loss_best": 1.4, "eval_loss_last": 1.45}},
     "metrics/cost/train.json": {"train": {"tokens_per_s": 900.0, "runtime_s": 60.0}},
-    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.20, "loss": 1.3}}},  # no decision_accuracy yet
+    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.20, "loss": 1.3}}},  # no decision accuracy yet
 }
 HEAD_METRICS = {
     "metrics/train.json": {"train": {"loss": 1.2, "eval_loss_best": 1.5, "eval_loss_last": 1.5}},
     "metrics/cost/train.json": {"train": {"tokens_per_s": 1100.0, "runtime_s": 50.0}},
-    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.25, "loss": 1.3, "decision_accuracy": 0.6}}},
+    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.25, "loss": 1.3, "accuracy": 0.6}}},
 }
 REPORT = """# Evaluation report
 
-5 test questions.
+- **Run:** commit `abc1234`
+- **Test set:** 5 questions (validation: 5)
 
-| metric | base | fine-tuned | change |
-| --- | ---: | ---: | ---: |
-| test rougeL | 0.1000 | 0.2500 | +0.1500 |
+> **Small test set.** With 5 questions one question moves accuracy by 20.0 points: read the intervals.
 
-## Best 1 by fine-tuned ROUGE-L
+## Base vs fine-tuned
+
+| metric | better | base | fine-tuned | change [95% interval] | verdict |
+| --- | --- | ---: | ---: | --- | --- |
+| ROUGE-L F1 | higher | 0.1000 | 0.2500 | +0.150 [+0.050, +0.250] | **better** |
+
+Change = fine-tuned minus base.
+
+## Decisions
+
+| | yes | no | total |
 """
 
 
@@ -143,13 +152,14 @@ def test_the_review_comment_compares_params_headline_metrics_report_and_plots(tw
     assert row["`train.eval_loss_best` (lower is better)"] == ["1.4000", "1.5000", "+0.1000", "worse"]
     assert row["`tuned.test.rougeL` (higher is better)"] == ["0.2000", "0.2500", "+0.0500", "better"]
     assert row["`tuned.test.loss` (lower is better)"][-1] == "same"
-    assert row["`tuned.test.decision_accuracy` (higher is better)"] == ["n/a", "0.6000", "n/a", "n/a"]
-    assert row["`delta.test.rougeL.delta` (higher is better)"] == ["n/a", "n/a", "n/a", "n/a"]
+    assert row["`tuned.test.accuracy` (higher is better)"] == ["n/a", "0.6000", "n/a", "n/a"]
+    assert row["`vs_base.test.rougeL.delta` (higher is better)"] == ["n/a", "n/a", "n/a", "n/a"]
     assert len(row) == len(HEADLINE)
     # the cost moved too, folded away with the other changed metrics
     assert "| metrics/cost/train.json | `train.tokens_per_s` | 900.0000 | 1,100.0 |" in lines
     # the report's summary table, and the plots: the committed PNG linked, both revisions drawn
-    assert "| test rougeL | 0.1000 | 0.2500 | +0.1500 |" in lines
+    assert "| ROUGE-L F1 | higher | 0.1000 | 0.2500 | +0.150 [+0.050, +0.250] | **better** |" in lines
+    assert "| | yes | no | total |" not in lines  # only the summary table
     assert "[train-loss](https://example.org/blob/abc/metrics/plots/train-loss.png)" in text
     drawn = sorted(p.name for p in (two_commits / "review-plots").iterdir())
     assert "loss-per-optimizer-step.png" in drawn
