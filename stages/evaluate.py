@@ -66,7 +66,7 @@ def main() -> None:
         out.json(paths.ROUGE_PLOT, rouge_plot(records))
         out.text(paths.REPORT, text)
         out.json(paths.EVAL_INFO, result.info)
-        out.json(paths.EVAL_COST, {"evaluate": result.cost})
+        out.measurement(paths.EVAL_COST, {"evaluate": result.cost})
         out.json(paths.EVAL_METRICS, {"tuned": result.quality, "vs_base": {"test": deltas}})
     log.info("wrote %s, %s and %s", paths.EVAL_METRICS, paths.PREDICTIONS, paths.REPORT)
 

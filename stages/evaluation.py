@@ -173,6 +173,12 @@ def score_decisions(model, tokenizer, rows: list[dict], params) -> tuple[list[di
     return [by_id.get(row["id"]) for row in rows], option_tokens
 
 
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 @dataclass(frozen=True)
 class Evaluation:
     quality: dict  # split -> metric: the numbers a reviewer compares (metrics/eval*.json)
@@ -232,6 +238,7 @@ def evaluate_model(model, tokenizer, params) -> Evaluation:
         "generation": {"mean_new_tokens": generation["mean_new_tokens"], "cut_off": sum(generation["cut_off"]),
                        "max_new_tokens": eval_params.max_new_tokens},
         "rouge": scorer.describe(),
+        "device": _device_name(model.device),  # what metrics/cost/ was measured on: another one measures anew
     }
     cost = {
         "new_tokens_per_s": generation["new_tokens_per_s"], "batch_size": eval_params.batch_size,

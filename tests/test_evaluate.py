@@ -213,6 +213,7 @@ def test_metric_names_are_unique_across_files_and_cost_and_info_are_apart(pipeli
         assert info["test"]["n"] == 5 and info["validation"]["n"] == 5
         assert info["rouge"]["tokenizer"] == "morpheme" and info["generation"]["max_new_tokens"] == 24
         assert info["decision"]["n"] + sum(info["decision"]["skipped"].values()) == 5
+        assert info["device"] == "cpu"  # what the cost beside it was measured on
 
 
 def test_deltas_are_fine_tuned_minus_base_with_an_interval_around_them(pipeline_run):
