@@ -64,6 +64,20 @@ def file_name(title: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", name.lower()).strip("-") + ".png"
 
 
+def top_level_files(dvc_yaml: Path = paths.DVC_YAML) -> dict[str, str]:
+    """{title: PNG file name} of dvc.yaml's top-level plots, which this stage draws: for links to them.
+
+    Empty without a dvc.yaml (a stage run outside a DVC project, as the benchmarks do).
+    """
+    import yaml
+
+    if not Path(dvc_yaml).exists():
+        return {}
+    defined = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8")).get("plots") or []
+    titles = [title for plot in defined for title in (plot if isinstance(plot, dict) else {plot: None})]
+    return {title: file_name(title) for title in titles}
+
+
 def _series(plot: dict) -> dict[str, list[tuple]]:
     """(x, y) points per revision and file, in file order."""
     series = defaultdict(list)
@@ -96,11 +110,13 @@ def draw(plot: dict, out_file: Path) -> None:
     else:
         for label, points in series.items():
             xy = [(_number(x), _number(y)) for x, y in points]
-            if all(x is not None and y is not None for x, y in xy):
+            if not all(x is not None and y is not None for x, y in xy):  # a category on the x axis
+                axes.scatter([str(x) for x, _ in points], [_number(y) for _, y in points], label=label)
+            elif plot["template"].startswith("scatter"):  # one point per row, unconnected
+                axes.scatter([x for x, _ in xy], [y for _, y in xy], s=14, label=label)
+            else:
                 xy.sort()
                 axes.plot([x for x, _ in xy], [y for _, y in xy], marker="." if len(xy) < 30 else None, label=label)
-            else:  # a category on the x axis
-                axes.scatter([str(x) for x, _ in points], [_number(y) for _, y in points], label=label)
         if len(series) > 1:
             axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
@@ -114,17 +130,18 @@ def draw(plot: dict, out_file: Path) -> None:
 
 
 def _draw_confusion(axes, figure, series) -> None:
-    """Counts of (actual, predicted) pairs, one panel's worth for the first revision."""
+    """Counts of (actual, predicted) pairs, one panel's worth for the first revision: every label
+    on both axes, so the diagonal is agreement even where a model never gives some label."""
     _, points = next(iter(series.items()))
-    rows = sorted({str(y) for _, y in points})
-    columns = sorted({str(x) for x, _ in points})
+    rows = columns = sorted({str(value) for point in points for value in point})
     counts = [[sum(1 for x, y in points if str(x) == c and str(y) == r) for c in columns] for r in rows]
     image = axes.imshow(counts, cmap="Blues")
     axes.set_xticks(range(len(columns)), columns)
     axes.set_yticks(range(len(rows)), rows)
+    top = max(max(row) for row in counts)
     for i, row in enumerate(counts):
         for j, count in enumerate(row):
-            axes.text(j, i, str(count), ha="center", va="center")
+            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
     figure.colorbar(image, ax=axes)
 
 

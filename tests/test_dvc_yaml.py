@@ -155,3 +155,13 @@ def test_top_level_plots_read_files_the_evaluate_stage_writes():
              for file in spec[axis]}
     assert {str(paths.DECISION_PLOT), str(paths.ROUGE_PLOT)} <= files
     assert sorted(spec["template"] for spec in by_title.values()) == ["confusion", "confusion", "linear", "scatter"]
+
+
+def test_the_plots_stage_depends_on_every_file_it_draws():
+    # Otherwise new evaluation results would leave stale PNGs in git until something else reran it.
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    files = {file for plot in plots for spec in plot.values() for axis in ("x", "y")
+             if isinstance(spec[axis], dict) for file in spec[axis]}
+    files |= {next(iter(p)) if isinstance(p, dict) else p for stage in DVC.values() for p in stage.get("plots", [])}
+    deps = DVC["plots"]["deps"]
+    assert {f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)} == set()

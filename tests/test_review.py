@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,11 +23,16 @@ def test_every_plot_is_drawn_as_a_png_with_the_network_blocked(pipeline_run, tmp
     # pipeline_run ran the plots stage in-process with socket.connect refused
     assert json.loads((pipeline_run / ".network_attempts.json").read_text()) == []
     drawn = sorted(p.name for p in (pipeline_run / paths.PLOTS_DIR).iterdir())
-    assert drawn == ["eval-loss.png", "loss-per-optimizer-step.png", "train-grad-norm.png",
-                     "train-learning-rate.png", "train-loss.png"]
+    assert drawn == ["decisions-of-the-base-model.png", "decisions-of-the-fine-tuned-model.png", "eval-loss.png",
+                     "loss-per-optimizer-step.png", "rouge-l-per-test-question-base-x-vs-fine-tuned-y.png",
+                     "train-grad-norm.png", "train-learning-rate.png", "train-loss.png"]
     for name in drawn:
         data = (pipeline_run / paths.PLOTS_DIR / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name  # a drawn figure, not an empty canvas
+    # the report, written before the plots stage runs, links dvc.yaml's plots where that stage draws them
+    report = (pipeline_run / paths.REPORT).read_text(encoding="utf-8")
+    linked = re.findall(r"^- \[[^]]+\]\((plots/[^)]+)\)$", report, flags=re.M)
+    assert len(linked) == 4 and all((pipeline_run / "metrics" / link).is_file() for link in linked), linked
 
     # identical data, identical bytes: a rerun leaves the git-tracked PNGs alone
     from stages import plots
