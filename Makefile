@@ -3,6 +3,9 @@
 #   make repro   install with the GPU extra and run the whole pipeline (`dvc repro`, CUDA + hub)
 # and a third to see the pipeline work on a CPU before renting a GPU:
 #   make smoke   the whole pipeline on a tiny local model and the shipped Korean sample
+# Reviewing (no GPU):
+#   make review BASE=main   the pull-request comment against BASE (what .github/workflows/review.yml posts)
+#   make exps               the experiment table: changed params and headline metrics, one screen
 # (`make mutate` runs mutation testing by hand: README, Development.)
 
 PYTHON ?= python3
@@ -12,7 +15,9 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install install-gpu test repro smoke clean-smoke mutate
+BASE ?= main
+
+.PHONY: install install-gpu test repro smoke clean-smoke mutate review exps
 
 install: $(VENV)/.installed
 
@@ -43,6 +48,12 @@ mutate: install
 
 smoke: install
 	$(PY) -m tools.smoke
+
+review: install
+	$(PY) -m tools.review $(BASE)
+
+exps: install
+	$(PY) -m tools.review --experiments
 
 clean-smoke:
 	rm -rf smoke

@@ -175,7 +175,7 @@ def train_backend(workspace: Path, overrides: dict, flops_per_token: int, peak_t
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),
         "mfu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12), 4),
         "stage_seconds": seconds,
-        "prepared_tokens": {k: v for k, v in read_metrics(workspace, "data.json").items() if k.startswith("tokens_")},
+        "prepared_tokens": {k: v for k, v in read_metrics(workspace, "info/prepare.json").items() if k.startswith("tokens_")},
     }
 
 

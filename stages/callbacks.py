@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -88,6 +89,9 @@ class LossCurves(TrainerCallback):
         """After the final evaluation (which may come after train end)."""
         if self.live is not None:
             self.live.end()
+            # DVCLive's own summary (last loss, learning rate, step) repeats metrics/train.json and
+            # would be an untracked file beside the git-tracked curves: only the curves stay.
+            Path(self.live.metrics_file).unlink(missing_ok=True)
 
 
 class ResumableAccounting(TrainerCallback):

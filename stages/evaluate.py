@@ -21,6 +21,7 @@ from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.outputs import check_writable, jsonl_text, read_jsonl, staged
 from stages.params import load_params
+from stages.plots import top_level_files
 from stages.report import decision_plot, report, rouge_plot, run_identity, side_by_side
 
 log = logging.getLogger("stages.evaluate")
@@ -56,8 +57,10 @@ def main() -> None:
     except ValueError:
         raise UserError(f"{paths.BASE_PREDICTIONS} holds other test questions; run `dvc repro evaluate_base`") from None
     deltas = paired_deltas(records, params.eval.bootstrap_samples, params.seed)
+    plots = {title: (paths.PLOTS_DIR.relative_to(paths.REPORT.parent) / name).as_posix()
+             for title, name in top_level_files().items()}  # drawn by the plots stage, next after this one
     text = report(result.quality, base_quality, deltas, records, result.info, run_identity(),
-                  params.eval.report_examples, params.eval.bootstrap_samples)
+                  params.eval.report_examples, params.eval.bootstrap_samples, plots)
 
     # answers, plots and report first; the metrics that summarise them last, all renamed together
     with staged() as out:
@@ -66,7 +69,7 @@ def main() -> None:
         out.json(paths.ROUGE_PLOT, rouge_plot(records))
         out.text(paths.REPORT, text)
         out.json(paths.EVAL_INFO, result.info)
-        out.json(paths.EVAL_COST, {"evaluate": result.cost})
+        out.measurement(paths.EVAL_COST, {"evaluate": result.cost})
         out.json(paths.EVAL_METRICS, {"tuned": result.quality, "vs_base": {"test": deltas}})
     log.info("wrote %s, %s and %s", paths.EVAL_METRICS, paths.PREDICTIONS, paths.REPORT)
 

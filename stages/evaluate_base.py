@@ -35,7 +35,7 @@ def main() -> None:
     with staged() as out:
         out.text(paths.BASE_PREDICTIONS, jsonl_text(result.predictions))
         out.json(paths.EVAL_BASE_INFO, result.info)
-        out.json(paths.EVAL_BASE_COST, {"evaluate_base": result.cost})
+        out.measurement(paths.EVAL_BASE_COST, {"evaluate_base": result.cost})
         out.json(paths.EVAL_BASE_METRICS, {"base": result.quality})
     log.info("wrote %s, %s and %s", paths.EVAL_BASE_METRICS, paths.BASE_PREDICTIONS, paths.EVAL_BASE_INFO)
 

@@ -210,6 +210,12 @@ def peak_memory(model) -> dict:
     return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 @dataclass(frozen=True)
 class Evaluation:
     quality: dict  # split -> metric: the numbers a reviewer compares (metrics/eval*.json)
@@ -270,6 +276,7 @@ def evaluate_model(model, tokenizer, params) -> Evaluation:
         "generation": {"mean_new_tokens": generation["mean_new_tokens"], "cut_off": sum(generation["cut_off"]),
                        "max_new_tokens": eval_params.max_new_tokens, "decoder": generation["decoder"]},
         "rouge": scorer.describe(),
+        "device": _device_name(model.device),  # what metrics/cost/ was measured on: another one measures anew
     }
     cost = {
         "new_tokens_per_s": generation["new_tokens_per_s"], "batch_size": generation["batch_size"],

@@ -5,10 +5,18 @@ Every output is first written under a temporary name beside its final path, then
 metrics that describe it) are staged together and renamed only once all of them are written, the
 artefact before its metrics, so a failure anywhere leaves the old pair. Temporary names carry the
 writer's pid; those of a killed run are removed by the next write to the same place.
+
+A measurement of how the outputs were made (time, speed, memory: the cost files, declared
+`persist` so DVC leaves them in place while the stage runs) is replaced only when the run made
+something new. A rerun whose other outputs hash exactly as dvc.lock records them keeps the
+measurement dvc.lock records too, so a bit-identical rerun leaves git, dvc.lock and
+`dvc metrics diff` clean; a run with other params, data, code, libraries or device writes other
+outputs (the info file names code, libraries and device) and so a new measurement.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from stages import paths
 from stages.errors import UserError
 
 _TAGS = ("tmp", "old")
@@ -68,6 +77,7 @@ class Staged:
 
     def __init__(self):
         self._pairs: list[tuple[Path, Path]] = []  # (temporary, final), in publication order
+        self._measurements: set[Path] = set()  # finals kept as they are when nothing else changed
 
     def _stage(self, final: Path) -> Path:
         final = Path(final)
@@ -97,7 +107,26 @@ class Staged:
     def json(self, final: Path, obj) -> None:
         self.text(final, dumps_json(obj))
 
+    def measurement(self, final: Path, obj) -> None:
+        """JSON describing how the other outputs were made; see the module docstring for when it is kept."""
+        self.json(final, obj)
+        self._measurements.add(Path(final))
+
+    def _reproduced(self) -> bool:
+        """Every output hashes as dvc.lock records it: the new ones staged, the measurements in place."""
+        recorded = locked_hashes()  # DVC has deleted the other outputs' old versions before the run
+        for tmp, final in self._pairs:
+            current = final if final in self._measurements else tmp
+            if not current.exists() or dvc_md5(current) != recorded.get(final.as_posix()):
+                return False
+        return True
+
     def publish(self) -> None:
+        if self._measurements and self._reproduced():
+            for tmp, final in self._pairs:
+                if final in self._measurements:
+                    tmp.unlink(missing_ok=True)  # the earlier measurement of these same outputs stays
+            self._pairs = [(tmp, final) for tmp, final in self._pairs if final not in self._measurements]
         for tmp, final in self._pairs:
             old = _temporary_sibling(final, "old")
             try:
@@ -113,6 +142,33 @@ class Staged:
         for tmp, _ in self._pairs:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self._pairs = []
+
+
+def locked_hashes(lock_file: Path = paths.DVC_LOCK) -> dict[str, str]:
+    """Output path -> md5, as dvc.lock records them for every stage (empty without a dvc.lock)."""
+    import yaml
+
+    if not lock_file.exists():
+        return {}
+    stages = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {out["path"]: out.get("md5") for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def dvc_md5(path: Path) -> str:
+    """DVC's md5 of a file, or of a folder (the md5 of its listing, '.dir'), as dvc.lock writes it."""
+    path = Path(path)
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        tree.add(file.relative_to(path).parts, Meta(size=file.stat().st_size),
+                 HashInfo("md5", hashlib.md5(file.read_bytes()).hexdigest()))
+    tree.digest()
+    return tree.hash_info.value
 
 
 @contextmanager

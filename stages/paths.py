@@ -7,6 +7,7 @@ from pathlib import Path
 
 PARAMS_FILE = Path("params.yaml")
 DVC_YAML = Path("dvc.yaml")
+DVC_LOCK = Path("dvc.lock")
 
 VALIDATED = Path("data/validated.txt")  # written by the validate stage, identical whenever params are valid
 PREPARED_DIR = Path("data/prepared")
@@ -25,9 +26,9 @@ MERGED_DIR = Path("models/merged")
 DVCLIVE_TRAIN_DIR = Path("dvclive/train")
 
 METRICS_DIR = Path("metrics")
-DATA_METRICS = METRICS_DIR / "data.json"
 # Quality metrics (what a reviewer compares) in metrics/, the cost of producing them in
 # metrics/cost/, counters, versions and other facts that are not compared in metrics/info/.
+PREPARE_INFO = METRICS_DIR / "info/prepare.json"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAIN_COST = METRICS_DIR / "cost/train.json"
 TRAIN_INFO = METRICS_DIR / "info/train.json"
@@ -45,3 +46,4 @@ EVAL_BASE_INFO = METRICS_DIR / "info/evaluate_base.json"
 # Per-question data behind dvc.yaml's top-level plots (decision confusion, ROUGE-L scatter).
 DECISION_PLOT = METRICS_DIR / "eval_plots/decisions.json"
 ROUGE_PLOT = METRICS_DIR / "eval_plots/rougeL.json"
+PLOTS_DIR = METRICS_DIR / "plots"  # PNGs of every plot in dvc.yaml, viewable offline

@@ -3,14 +3,20 @@
     python -m stages.predict "질문 ..." [--context "초록 문단" ...] [--adapter] [--max-new-tokens N]
 
 Answers from models/merged/ (or, with --adapter, from models/adapter/ on `model.base_16bit`),
-with the same system prompt and chat template as training and evaluation. Not a DVC stage: it
-writes nothing.
+with the same system prompt and chat template as training and evaluation. It first says (on
+stderr) which adapter and params the model comes from, as dvc.lock records them, and refuses a
+model that dvc.lock does not describe: after `dvc exp apply` or `git checkout` + `dvc checkout`,
+the uncached models/merged is the previous result's until `dvc repro merge` rebuilds it. Not a
+DVC stage: it writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+
+import yaml
 
 from stages import paths
 from stages.errors import UserError, stage_entrypoint
@@ -43,6 +49,55 @@ def answering_folder(use_adapter: bool):
     if not (paths.MERGED_DIR / "config.json").exists():
         raise UserError(f"{paths.MERGED_DIR} is missing; run `dvc repro merge` first, or pass --adapter")
     return paths.MERGED_DIR
+
+
+SHOWN_PARAMS = ("lora.r", "lora.alpha", "train.learning_rate", "train.max_steps", "seed")
+
+
+def _locked_param(entry: dict, dotted: str):
+    """A param as dvc.lock records it for a stage: under its section, or under its dotted name."""
+    recorded = entry.get("params", {}).get(str(paths.PARAMS_FILE), {})
+    if dotted in recorded:
+        return recorded[dotted]
+    value = recorded
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _stale(stage: str, outputs_only: bool) -> bool:
+    """Whether DVC's own status finds `stage` out of date (its outputs, or also its deps and params)."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        with Repo(".") as repo:
+            changes = repo.status(targets=[stage]).get(stage, [])
+    except NotDvcRepoError:
+        return False
+    return any(isinstance(c, dict) and ("changed outs" in c or not outputs_only) for c in changes)
+
+
+def provenance(use_adapter: bool, base: str) -> str:
+    """One line naming the adapter and params the answering model comes from; refuses a stale one."""
+    stages = {}
+    if paths.DVC_LOCK.exists():
+        stages = (yaml.safe_load(paths.DVC_LOCK.read_text(encoding="utf-8")) or {}).get("stages", {})
+    stage, folder = ("train", paths.ADAPTER_DIR) if use_adapter else ("merge", paths.MERGED_DIR)
+    if stage not in stages or "train" not in stages:
+        return f"answering from {folder}, which dvc.lock does not record (built outside `dvc repro`)"
+    if _stale(stage, outputs_only=use_adapter):  # the adapter is cached: checkout restores it, no retraining
+        fix = "dvc checkout models/adapter" if use_adapter else "dvc repro merge"
+        raise UserError(f"{folder} does not match dvc.lock (results were switched, or params changed since); "
+                        f"run `{fix}` first")
+    adapter = next(o["md5"] for o in stages["train"]["outs"] if o["path"] == str(paths.ADAPTER_DIR))
+    shown = ", ".join(f"{key}={_locked_param(stages['train'], key)}" for key in SHOWN_PARAMS)
+    if not use_adapter:
+        base = _locked_param(stages["merge"], "model.base_16bit")
+    return (f"answering from {folder}: adapter {adapter[:8]} ({shown}) "
+            f"{'on' if use_adapter else 'merged into'} {base}, as dvc.lock records it")
 
 
 def load_answering_model(use_adapter: bool, base: str):
@@ -121,6 +176,7 @@ def main(argv=None) -> None:
     params = load_params()
     max_new_tokens = params.eval.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     folder = answering_folder(args.adapter)
+    print(provenance(args.adapter, params.model.base_16bit), file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(str(folder), what=str(folder))
     ids = prompt_ids(tokenizer, params, args.question, args.context, max_new_tokens)
     model = load_answering_model(args.adapter, params.model.base_16bit)

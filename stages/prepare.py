@@ -3,7 +3,8 @@
     python -m stages.prepare        (or: dvc repro prepare)
 
 Reads `data.source` (hub id or local file) and the tokenizer of `model.name`; writes
-data/prepared/{train,validation,test}.jsonl and metrics/data.json.
+data/prepared/{train,validation,test}.jsonl and metrics/info/prepare.json (row counts, drops,
+truncations, token lengths, source hash: facts about the data, not metrics to compare).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     params = load_params()
     data_params = params.data
     started = time.perf_counter()
-    check_writable(paths.PREPARED_DIR, paths.DATA_METRICS)
+    check_writable(paths.PREPARED_DIR, paths.PREPARE_INFO)
 
     tokenizer = load_tokenizer(params.model.name)
     records = read_records(data_params.source, data_params.split, data_params.revision)
@@ -105,7 +106,7 @@ def main() -> None:
         out_dir = out.dir(paths.PREPARED_DIR)
         for name, members in splits.items():
             paths.split_file(name, out_dir).write_text(jsonl_text(members), encoding="utf-8")
-        out.json(paths.DATA_METRICS, summary)
+        out.json(paths.PREPARE_INFO, summary)
     log.info(
         "wrote %s: train/validation/test = %d/%d/%d rows, %d truncated, dropped %s (%.1fs)",
         paths.PREPARED_DIR, *(len(splits[n]) for n in paths.SPLITS),

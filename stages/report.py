@@ -237,9 +237,10 @@ SECTIONS = {
 
 
 def report(tuned: dict, base: dict, deltas: dict, records: list[dict], info: dict, identity: dict,
-           n_examples: int, bootstrap_samples: int) -> str:
+           n_examples: int, bootstrap_samples: int, plots: dict[str, str] | None = None) -> str:
     """The markdown report. `tuned` / `base`: quality metrics (split -> metric); `deltas`: the
-    paired bootstrap per test metric; `records`: side_by_side; `info`: the fine-tuned run's counts."""
+    paired bootstrap per test metric; `records`: side_by_side; `info`: the fine-tuned run's counts;
+    `plots`: {title: link} of the PNGs the plots stage draws, listed at the end."""
     n, decision = info["test"]["n"], info["decision"]
     base_pairs = [(r["reference_decision"], r["base_decision"]) for r in records if r["base_decision"] is not None]
     lines = ["# Evaluation report", "", *_identity_lines(identity),
@@ -280,4 +281,6 @@ def report(tuned: dict, base: dict, deltas: dict, records: list[dict], info: dic
         for key, chosen in most_changed(records, n_examples).items():
             lines += ["", f"### {SECTIONS[key]} ({len(chosen)})", ""]
             lines += [line for record in chosen for line in _example_lines(record)][:-1] or ["None."]
+    if plots:
+        lines += ["", "## Plots", "", *(f"- [{title}]({link})" for title, link in plots.items())]
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -4,8 +4,9 @@
 
 Reads data/prepared/{train,validation}.jsonl and the seed, model, prompt, lora and train params;
 writes models/adapter/ (PEFT adapter + tokenizer), metrics/train.json (losses),
-metrics/cost/train.json (speed, memory), metrics/info/train.json (steps, tokens, backend,
-versions) and DVCLive loss curves in dvclive/train/. While it runs, checkpoints go to
+metrics/cost/train.json (speed, memory; kept as it is when a rerun reproduces the locked result,
+see stages/outputs.py), metrics/info/train.json (steps, tokens, backend, device, versions, the
+run fingerprint) and DVCLive loss curves in dvclive/train/. While it runs, checkpoints go to
 models/checkpoints/ (outside DVC): rerunning an interrupted train with the same params, data,
 code and libraries continues from the last complete one; a finished run deletes them.
 """
@@ -113,7 +114,7 @@ def write_outputs(trainer, tokenizer, metrics: dict, cost: dict, info: dict) -> 
     with staged() as out:
         save_adapter(trainer.model, tokenizer, out.dir(paths.ADAPTER_DIR))
         out.json(paths.TRAIN_METRICS, metrics)
-        out.json(paths.TRAIN_COST, cost)
+        out.measurement(paths.TRAIN_COST, cost)
         out.json(paths.TRAIN_INFO, info)
     log.info("wrote %s and %s: train loss %.4f, eval loss %.4f, %s tokens/s", paths.ADAPTER_DIR,
              paths.TRAIN_METRICS, metrics["train"]["loss"], metrics["train"]["eval_loss_last"],
@@ -150,7 +151,8 @@ def main() -> None:
     train_set = tokenized_split("train", tokenizer, train.completion_only_loss, max_length)
     eval_set = tokenized_split("validation", tokenizer, train.completion_only_loss, max_length)
     with PartialState(cpu=not on_cuda).main_process_first():  # the main process clears or keeps checkpoints first
-        resume_from = checkpoints.checkpoint_to_resume(checkpoints.run_fingerprint(params))
+        fingerprint = checkpoints.run_fingerprint(params)
+        resume_from = checkpoints.checkpoint_to_resume(fingerprint)
     main_process = launch.is_main_process()
     throughput = Throughput()
     curves = LossCurves(str(paths.DVCLIVE_TRAIN_DIR))
@@ -198,7 +200,9 @@ def main() -> None:
                 "backend": backend,
                 # unsloth says whether it dealt rows by tokens (launch.balance_tokens)
                 "token_balance": bool(getattr(trainer, "_unsloth_token_balance_active", False)),
+                "device": torch.cuda.get_device_name() if on_cuda else "cpu",  # what the cost was measured on
                 "versions": checkpoints.library_versions(),
+                "fingerprint": fingerprint,  # params, data, code, versions: a change means a new cost measurement
             },
         )
         checkpoints.clear()  # a finished run leaves nothing to resume

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data/sample/pubmedqa_ko_sample.json"
@@ -38,13 +37,9 @@ def tiny_tokenizer(tiny_model):
 
 
 def write_params(directory: Path, overrides: dict) -> None:
-    from tools.smoke import set_key
+    from tools.smoke import write_params as write
 
-    path = directory / "params.yaml"
-    params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for key, value in overrides.items():
-        set_key(params, key, value)
-    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write(directory / "params.yaml", overrides)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +75,7 @@ class NetworkGuard:
 
 @pytest.fixture(scope="session")
 def pipeline_run(smoke_template, tmp_path_factory) -> Path:
-    """Every stage run once, in-process, with sockets blocked and an HF_TOKEN set.
+    """Every stage run once, in-process, with sockets blocked and an HF_TOKEN set (plots included).
 
     Tests then only read the workspace. `pipeline_run.network_attempts` lists any connection a
     stage tried to open (the offline promise: there must be none).
@@ -97,10 +92,11 @@ def pipeline_run(smoke_template, tmp_path_factory) -> Path:
     patcher.setenv("HF_TOKEN", TOKEN_SENTINEL)
     os.chdir(dest)
     try:
-        from stages import evaluate, evaluate_base, merge, prepare, train, validate
+        from stages import evaluate, evaluate_base, merge, plots, prepare, train, validate
 
         for stage in (validate, prepare, train, merge, evaluate_base, evaluate):
             stage.main()
+        plots.main([])  # PNGs drawn with the sockets blocked: nothing is fetched from a CDN
     finally:
         os.chdir(previous)
         patcher.undo()

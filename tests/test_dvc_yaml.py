@@ -51,22 +51,25 @@ def params_read(smoke_template, tmp_path_factory):
     import os
     import shutil
 
-    from stages import evaluate, evaluate_base, merge, prepare, train, validate
+    from stages import evaluate, evaluate_base, merge, plots, prepare, train, validate
 
     dest = tmp_path_factory.mktemp("recorded") / "ws"
     shutil.copytree(smoke_template, dest, symlinks=True)
     previous, read = os.getcwd(), {}
     os.chdir(dest)
     try:
-        for module in (validate, prepare, train, merge, evaluate_base, evaluate):
+        for module in (validate, prepare, train, merge, evaluate_base, evaluate, plots):
             name = module.__name__.split(".")[-1]
             read[name] = set()
-            original = module.load_params
+            original = getattr(module, "load_params", None)  # plots reads no params
             module.load_params = lambda seen=read[name]: ParamsRecorder(load_params(), "", seen)
             try:
-                module.main()
+                module.main([]) if module is plots else module.main()
             finally:
-                module.load_params = original
+                if original is None:
+                    del module.load_params
+                else:
+                    module.load_params = original
     finally:
         os.chdir(previous)
     return read
@@ -74,14 +77,14 @@ def params_read(smoke_template, tmp_path_factory):
 
 def test_only_validate_depends_on_every_param():
     # It validates the whole file, so it must rerun (and fail first) whenever any param changes.
-    assert [name for name, stage in DVC.items() if stage["params"] == WHOLE_FILE] == ["validate"]
+    assert [name for name, stage in DVC.items() if stage.get("params") == WHOLE_FILE] == ["validate"]
     assert list(DVC)[0] == "validate" and "data/validated.txt" in DVC["prepare"]["deps"]
     assert DVC["validate"]["outs"] == [{"data/validated.txt": {"cache": False, "persist": True}}]
 
 
-@pytest.mark.parametrize("stage", [name for name, stage in DVC.items() if stage["params"] != WHOLE_FILE])
+@pytest.mark.parametrize("stage", [name for name, stage in DVC.items() if stage.get("params") != WHOLE_FILE])
 def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, stage):
-    declared = DVC[stage]["params"]
+    declared = DVC[stage].get("params", [])
     read = params_read[stage]
     assert {key for key in read if not _covered(key, declared)} == set(), "read but not declared"
     unread = [d for d in declared if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)]
@@ -89,7 +92,7 @@ def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, sta
 
 
 def test_a_lora_change_reruns_train_merge_evaluate_but_not_prepare():
-    depends_on_lora = {name for name, stage in DVC.items() if _covered("lora.r", stage["params"])}
+    depends_on_lora = {name for name, stage in DVC.items() if _covered("lora.r", stage.get("params", []))}
     assert depends_on_lora == {"validate", "train"}  # validate's output never changes: it reruns nothing
     assert "models/adapter" in DVC["merge"]["deps"] and "models/merged" in DVC["evaluate"]["deps"]
     assert not any(d.startswith("models/") for d in DVC["evaluate_base"]["deps"])
@@ -129,8 +132,8 @@ def test_outputs_in_dvc_yaml_match_stages_paths():
     def outs(stage, kind):
         return {next(iter(o)) if isinstance(o, dict) else o for o in DVC[stage].get(kind, [])}
 
-    assert outs("prepare", "outs") == {str(paths.PREPARED_DIR)}
-    assert outs("prepare", "metrics") == {str(paths.DATA_METRICS)}
+    assert outs("prepare", "outs") == {str(paths.PREPARED_DIR), str(paths.PREPARE_INFO)}
+    assert outs("prepare", "metrics") == set()  # counters and hashes are facts, not metrics to compare
     assert outs("validate", "outs") == {str(paths.VALIDATED)}
     assert outs("train", "outs") == {str(paths.ADAPTER_DIR), str(paths.TRAIN_INFO)}
     assert outs("train", "metrics") == {str(paths.TRAIN_METRICS), str(paths.TRAIN_COST)}
@@ -142,6 +145,7 @@ def test_outputs_in_dvc_yaml_match_stages_paths():
     assert outs("evaluate", "metrics") == {str(paths.EVAL_METRICS), str(paths.EVAL_COST)}
     assert outs("evaluate", "outs") == {str(paths.PREDICTIONS), str(paths.REPORT), str(paths.EVAL_INFO),
                                         str(paths.DECISION_PLOT), str(paths.ROUGE_PLOT)}
+    assert outs("plots", "outs") == {str(paths.PLOTS_DIR)}
 
 
 def test_top_level_plots_read_files_the_evaluate_stage_writes():
@@ -151,3 +155,13 @@ def test_top_level_plots_read_files_the_evaluate_stage_writes():
              for file in spec[axis]}
     assert {str(paths.DECISION_PLOT), str(paths.ROUGE_PLOT)} <= files
     assert sorted(spec["template"] for spec in by_title.values()) == ["confusion", "confusion", "linear", "scatter"]
+
+
+def test_the_plots_stage_depends_on_every_file_it_draws():
+    # Otherwise new evaluation results would leave stale PNGs in git until something else reran it.
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    files = {file for plot in plots for spec in plot.values() for axis in ("x", "y")
+             if isinstance(spec[axis], dict) for file in spec[axis]}
+    files |= {next(iter(p)) if isinstance(p, dict) else p for stage in DVC.values() for p in stage.get("plots", [])}
+    deps = DVC["plots"]["deps"]
+    assert {f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)} == set()

@@ -29,7 +29,7 @@ def base(pipeline_run):
     # The untrained tiny model: its greedy answers differ from question to question, where the
     # smoke run's fine-tuned one answers "." to all, so only these show answers attached to the
     # wrong question.
-    directory = str(pipeline_run / "models/tiny-base")
+    directory = str(pipeline_run / "tiny-base")
     return load_for_inference(directory, "model.base_16bit"), load_tokenizer(directory)
 
 
@@ -232,6 +232,7 @@ def test_metric_names_are_unique_across_files_and_cost_and_info_are_apart(pipeli
         assert info["rouge"]["tokenizer"] == "morpheme" and info["generation"]["max_new_tokens"] == 24
         assert info["generation"]["decoder"] == "fast"  # the tiny Llama takes the fast loop on the CPU too
         assert info["decision"]["n"] + sum(info["decision"]["skipped"].values()) == 5
+        assert info["device"] == "cpu"  # what the cost beside it was measured on
 
 
 def test_deltas_are_fine_tuned_minus_base_with_an_interval_around_them(pipeline_run):

@@ -22,7 +22,7 @@ def test_merged_logits_equal_base_plus_adapter(pipeline_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = pipeline_run / "models/tiny-base"
+    base_dir = pipeline_run / "tiny-base"
     tokenizer = AutoTokenizer.from_pretrained(pipeline_run / paths.MERGED_DIR)
     inputs = _inputs(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -49,7 +49,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 merged = AutoModelForCausalLM.from_pretrained("{pipeline_run / paths.MERGED_DIR}")
 tokenizer = AutoTokenizer.from_pretrained("{pipeline_run / paths.MERGED_DIR}")
-base = AutoModelForCausalLM.from_pretrained("{pipeline_run / 'models/tiny-base'}")
+base = AutoModelForCausalLM.from_pretrained("{pipeline_run / 'tiny-base'}")
 adapted = PeftModel.from_pretrained(base, "{pipeline_run / paths.ADAPTER_DIR}")
 prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "질문"}}], tokenize=False, add_generation_prompt=True)
 print(type(merged).__name__, type(adapted).__name__, prompt.endswith("assistant<|end_header_id|>\\n\\n"))

@@ -59,7 +59,7 @@ def fake_hub(workspace, tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
 
-    hub = FakeHub({HUB_MODEL: workspace / "models/tiny-base"}, gated=("meta-llama/Llama-3.1-8B-Instruct",))
+    hub = FakeHub({HUB_MODEL: workspace / "tiny-base"}, gated=("meta-llama/Llama-3.1-8B-Instruct",))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests' default is offline
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setenv("HF_TOKEN", TOKEN_SENTINEL)

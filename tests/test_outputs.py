@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,61 @@ def test_a_killed_merge_leaves_nothing_behind_after_the_next_merge(pipeline_run,
     merge.main()
     assert not leftover.exists()
     assert (paths.MERGED_DIR / "model.safetensors").read_bytes() == before
+
+
+def _lock(tmp_path, outputs: dict) -> None:
+    """A dvc.lock recording these outputs' current hashes, as `dvc repro` writes it."""
+    import yaml
+
+    from stages.outputs import dvc_md5
+
+    outs = [{"path": path, "hash": "md5", "md5": dvc_md5(tmp_path / path)} for path in outputs]
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {"outs": outs}}}))
+
+
+def _run(adapter_bytes: bytes, seconds: float) -> None:
+    """A train-like stage: DVC deletes the adapter and metrics before it runs, never the persisted cost."""
+    import shutil
+
+    shutil.rmtree("adapter", ignore_errors=True)
+    with staged() as out:
+        (out.dir(Path("adapter")) / "weights").write_bytes(adapter_bytes)
+        out.json(Path("train.json"), {"loss": 1.0})
+        out.measurement(Path("cost.json"), {"runtime_s": seconds})
+
+
+def test_a_rerun_that_reproduces_the_locked_outputs_keeps_their_cost(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _run(b"w1", 10.0)  # no dvc.lock yet: the measurement is written
+    assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 10.0}
+    _lock(tmp_path, ["adapter", "train.json", "cost.json"])
+
+    _run(b"w1", 12.5)  # bit for bit the same result: the earlier measurement stays, bytes and all
+    assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 10.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cost.json", "dvc.lock", "train.json"]
+
+    _run(b"w2", 14.0)  # another adapter: a new measurement
+    assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 14.0}
+    (tmp_path / "cost.json").write_text('{"runtime_s": 99.0}')  # not what dvc.lock records: replaced
+    _lock(tmp_path, ["adapter", "train.json"])
+    _run(b"w2", 15.0)
+    assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 15.0}
+
+
+def test_dvc_md5_is_the_hash_dvc_lock_records(pipeline_run, monkeypatch):
+    """The rule above compares with dvc.lock, so the hashes must be DVC's own, folders included."""
+    from dvc_data.hashfile.hash import hash_file
+    from dvc_objects.fs import localfs
+
+    from stages.outputs import dvc_md5
+
+    for path in (pipeline_run / "models/adapter/adapter_config.json", pipeline_run / "metrics/train.json"):
+        assert dvc_md5(path) == hash_file(str(path), localfs, "md5")[1].value
+    from dvc.repo import Repo
+
+    monkeypatch.chdir(pipeline_run)
+    with Repo(".") as repo:
+        [stage] = repo.stage.collect("train")
+        stage.save()  # DVC hashes the outputs as `dvc commit` would
+        [adapter] = [out for out in stage.outs if out.def_path == "models/adapter"]
+        assert dvc_md5(pipeline_run / "models/adapter") == adapter.hash_info.value

@@ -217,3 +217,24 @@ def test_a_stage_reports_bad_params_in_one_line_and_exits_non_zero(tmp_path, raw
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error_lines == ["error: params.yaml: lora.r = -4: Input should be greater than 0"]
+
+
+def test_params_yaml_is_in_the_form_dvc_writes_it_back(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml through ruamel.yaml and replaces every list:
+    in any other form, an experiment's diff also reformats untouched lines (null, flow lists)."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls
+    from dvc.utils.serialize._yaml import dumps_yaml, parse_yaml_for_update
+
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    assert dumps_yaml(parse_yaml_for_update(text, "params.yaml")) == text
+
+    for overrides, expected in [
+        (["lora.r=8"], [("  r: 16                    # adapter rank", "  r: 8                     # adapter rank")]),
+        (["train.learning_rate=1e-4"], [("  learning_rate: 2.0e-4              # peak learning rate",
+                                         "  learning_rate: 0.0001              # peak learning rate")]),
+    ]:
+        (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+        apply_overrides(tmp_path / "params.yaml", overrides)
+        after = (tmp_path / "params.yaml").read_text(encoding="utf-8").splitlines()
+        assert len(after) == len(text.splitlines())
+        assert [(old, new) for old, new in zip(text.splitlines(), after) if old != new] == expected

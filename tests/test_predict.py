@@ -15,7 +15,7 @@ def test_predict_streams_the_answers_evaluation_recorded(pipeline_run, tmp_path,
     workspace = tmp_path / "ws"
     shutil.copytree(pipeline_run, workspace, symlinks=True)
     shutil.rmtree(workspace / paths.MERGED_DIR)
-    shutil.copytree(workspace / "models/tiny-base", workspace / paths.MERGED_DIR)
+    shutil.copytree(workspace / "tiny-base", workspace / paths.MERGED_DIR)
     monkeypatch.chdir(workspace)
     rows = read_jsonl(paths.split_file("test"))
     longest = max(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))

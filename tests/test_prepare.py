@@ -13,7 +13,7 @@ from stages.records import clean_records
 
 
 def _outputs() -> dict[str, bytes]:
-    files = [paths.split_file(s) for s in paths.SPLITS] + [paths.DATA_METRICS]
+    files = [paths.split_file(s) for s in paths.SPLITS] + [paths.PREPARE_INFO]
     return {str(f): Path(f).read_bytes() for f in files}
 
 
@@ -26,7 +26,7 @@ def test_two_runs_write_identical_bytes(workspace):
 
 def test_splits_metrics_and_rendered_chats(workspace, tiny_tokenizer):
     prepare.main()
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
+    metrics = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
     splits = {s: [json.loads(line) for line in paths.split_file(s).open(encoding="utf-8")] for s in paths.SPLITS}
     assert metrics["rows"] == {"read": 52, "kept": 49, "train": 39, "validation": 5, "test": 5}
     assert metrics["dropped"] == {"missing_question": 0, "missing_answer": 1, "short_question": 1, "short_answer": 0,
@@ -47,7 +47,7 @@ def test_splits_metrics_and_rendered_chats(workspace, tiny_tokenizer):
 def test_truncation_shortens_the_abstract_never_the_answer(workspace, sample_records):
     write_params(workspace, {"model.max_seq_length": 300})
     prepare.main()
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
+    metrics = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
     rows = [json.loads(line) for s in paths.SPLITS for line in paths.split_file(s).open(encoding="utf-8")]
     truncated = [r for r in rows if r["truncated"]]
     assert len(truncated) == sum(metrics["truncated"].values()) > 10
@@ -72,9 +72,9 @@ def test_rows_that_cannot_fit_are_dropped_and_counted(workspace, sample_records,
         return_dict=False)) for row in cleaned}
     too_long = {row_id for row_id, n in chat_tokens.items() if n > limit}
     assert 0 < len(too_long) < len(cleaned)
-    metrics = json.loads(paths.DATA_METRICS.read_text(encoding="utf-8"))
-    assert metrics["dropped"]["too_long"] == len(too_long)
-    assert metrics["rows"]["kept"] == len(cleaned) - len(too_long) == sum(metrics["rows"][s] for s in paths.SPLITS)
+    info = json.loads(paths.PREPARE_INFO.read_text(encoding="utf-8"))
+    assert info["dropped"]["too_long"] == len(too_long)
+    assert info["rows"]["kept"] == len(cleaned) - len(too_long) == sum(info["rows"][s] for s in paths.SPLITS)
     kept = {json.loads(line)["id"] for s in paths.SPLITS for line in paths.split_file(s).open(encoding="utf-8")}
     assert kept == set(chat_tokens) - too_long
 

@@ -231,7 +231,7 @@ def test_final_decisions_outside_the_labels_are_counted_but_empty_ones_are_not()
 def test_content_hash_depends_on_content_only(sample_records):
     assert content_hash(sample_records) == content_hash(json.loads(json.dumps(sample_records)))
     assert content_hash([{"a": 1, "b": 2}]) == content_hash([{"b": 2, "a": 1}])  # key order is not content
-    # The canonical form, so the hash in metrics/data.json can be recomputed anywhere: sorted keys,
+    # The canonical form, so the hash in metrics/info/prepare.json can be recomputed anywhere: sorted keys,
     # UTF-8 text, anything else (dates from a parquet file, ...) as its str().
     canonical = '[{"QUESTION": "질문", "date": "2024-07-26", "n": 1}]'
     expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -45,7 +45,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     assert adapter_config["r"] == 16 and adapter_config["target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     # The adapter carries the training tokenizer: the same vocabulary and the same rendered chat.
-    saved, trained_with = modeling.load_tokenizer(str(paths.ADAPTER_DIR)), modeling.load_tokenizer("models/tiny-base")
+    saved, trained_with = modeling.load_tokenizer(str(paths.ADAPTER_DIR)), modeling.load_tokenizer("tiny-base")
     chat = build_messages("시스템", "질문?", ["문단."], True, "답변입니다.")
     assert saved.get_vocab() == trained_with.get_vocab() and saved.pad_token == trained_with.pad_token
     assert saved.apply_chat_template(chat, tokenize=False) == trained_with.apply_chat_template(chat, tokenize=False)

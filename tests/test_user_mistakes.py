@@ -118,7 +118,7 @@ def test_final_decision_outside_yes_no_maybe_is_dropped_from_the_row_and_counted
     (workspace / "data/junk.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     write_params(workspace, {"data.source": "data/junk.json"})
     prepare.main()
-    assert json.loads((workspace / "metrics/data.json").read_text())["invalid_final_decision"] == 4
+    assert json.loads((workspace / "metrics/info/prepare.json").read_text())["invalid_final_decision"] == 4
     labels = {r.get("final_decision") for split in ("train", "validation", "test")
               for r in read_jsonl(workspace / f"data/prepared/{split}.jsonl")}
     assert labels <= {"yes", "no", "maybe", None}

@@ -5,13 +5,19 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tools.smoke import dvc_environment
+from stages.headline import HEADLINE
+from tools.smoke import GRID, dvc_environment
 
-STAGES = ["validate", "prepare", "train", "merge", "evaluate_base", "evaluate"]
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGES = ["validate", "prepare", "train", "merge", "evaluate_base", "evaluate", "plots"]
 
 
 def dvc(*args, cwd, ok=True):
@@ -30,6 +36,24 @@ def ran(output: str) -> list[str]:
 
 def git(*args, cwd):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def git_out(*args, cwd) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def experiment_table(repo) -> str:
+    """`make exps`, as a 120-column terminal shows it."""
+    result = subprocess.run([sys.executable, "-m", "tools.review", "--experiments"], cwd=repo, text=True,
+                            capture_output=True, env={**dvc_environment(), "COLUMNS": "120", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def predict(repo, *args):
+    return subprocess.run([sys.executable, "-m", "stages.predict", "수술 전 빈혈은 사망률과 관련이 있는가?",
+                           "--max-new-tokens", "4", *args], cwd=repo, capture_output=True, text=True,
+                          env=dvc_environment())
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +83,11 @@ def test_repro_writes_every_output_and_a_second_repro_does_nothing(repo):
         assert sorted(recorded) == outputs, name
         for path in outputs:  # written, hashed in dvc.lock; `dvc status` below says each still matches
             assert recorded[path]["md5"] and recorded[path]["size"] > 0, path
+    assert (repo / "metrics/plots/loss-per-optimizer-step.png").stat().st_size > 0
+    assert not (repo / "dvclive/train/metrics.json").exists()  # DVCLive's summary repeats metrics/train.json
+    # the declared metrics are numbers to compare: counters, versions and hashes are plain outputs
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=repo))
+    assert "metrics/info/" not in json.dumps(shown) and "versions" not in json.dumps(shown)
     output = dvc("repro", cwd=repo)
     assert ran(output) == []
     assert "didn't change" in output or "up to date" in output
@@ -68,7 +97,9 @@ def test_repro_writes_every_output_and_a_second_repro_does_nothing(repo):
 def test_a_lora_change_marks_train_and_downstream_not_prepare(repo):
     params = (repo / "params.yaml").read_text(encoding="utf-8")
     try:
-        (repo / "params.yaml").write_text(params.replace("  r: 16\n", "  r: 8\n"), encoding="utf-8")
+        edited = params.replace("  r: 16 ", "  r: 8  ")  # the line keeps its comment
+        assert edited != params
+        (repo / "params.yaml").write_text(edited, encoding="utf-8")
         changed = set(json.loads(dvc("status", "--json", cwd=repo)))
         assert changed == {"validate", "train"}  # merge and evaluate follow from train's new outputs
         assert "prepare" not in changed and "evaluate_base" not in changed
@@ -81,7 +112,7 @@ def test_two_full_runs_give_identical_splits_adapters_and_metrics(repo, pipeline
     for split in ("train", "validation", "test"):
         path = f"data/prepared/{split}.jsonl"
         assert (repo / path).read_bytes() == (pipeline_run / path).read_bytes()
-    assert (repo / "metrics/data.json").read_bytes() == (pipeline_run / "metrics/data.json").read_bytes()
+    assert (repo / "metrics/info/prepare.json").read_bytes() == (pipeline_run / "metrics/info/prepare.json").read_bytes()
     # the whole adapter folder, byte for byte: separate processes (other hash seeds) write the same
     # adapter_config.json, so its DVC hash does not change and merge does not rerun for nothing
     adapter = sorted(p.name for p in (repo / "models/adapter").iterdir())
@@ -96,7 +127,22 @@ def test_two_full_runs_give_identical_splits_adapters_and_metrics(repo, pipeline
 
 def test_an_experiment_reruns_only_what_depends_on_the_change(repo, tmp_path):
     output = dvc("exp", "run", "-S", "lora.r=8", cwd=repo)
-    assert ran(output) == ["validate", "train", "merge", "evaluate"]
+    assert ran(output) == ["validate", "train", "merge", "evaluate", "plots"]
+    # params.yaml is in DVC's own form: the experiment changes one line of it, comments kept
+    changed = [line for line in git_out("diff", "-U0", "params.yaml", cwd=repo).splitlines()
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed == ["-  r: 16                    # adapter rank", "+  r: 8                     # adapter rank"]
+
+    # the experiment table fits 120 columns: the changed param and the headline metrics, untruncated
+    table = experiment_table(repo)
+    header = next(line for line in table.splitlines() if "Experiment" in line).split()
+    assert "lora.r" in header and "train.loss" in header, table
+    # --only-changed: every headline column whose value the experiment changed (the tiny model's
+    # decisions may all stay "yes"), and no other metric
+    changed = {key for keys in json.loads(dvc("metrics", "diff", "--json", cwd=repo)).values() for key in keys}
+    assert {m.key for m in HEADLINE if m.in_table and m.key in changed} == set(header) - {"Experiment", "lora.r"}
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 120
+    assert dvc("exp", "show", "--no-pager", "--sort-by", "train.loss", "--csv", cwd=repo)  # unique names
 
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
@@ -149,6 +195,9 @@ def snapshot(root) -> dict[str, bytes]:
 
 
 def restore_baseline(repo):
+    # An empty index first: `-S data.source=data/missing.json` keeps the line's length (the comment
+    # column moves), and a same-size edit within the index's timestamp second can look unchanged to git.
+    git("rm", "-r", "-q", "--cached", ".", cwd=repo)
     git("reset", "-q", "--hard", cwd=repo)
     dvc("checkout", "--force", cwd=repo)
 
@@ -170,6 +219,45 @@ def test_a_failed_run_leaves_every_earlier_result_in_place(repo, setting, messag
     restore_baseline(repo)
 
 
+def test_a_bit_identical_rerun_leaves_git_and_the_metrics_diff_clean(repo):
+    """Timings differ on every run; the cost file keeps the measurement of the locked result when a
+    rerun reproduces it, so nothing else in git changes either."""
+    restore_baseline(repo)
+    dvc("repro", cwd=repo)  # the merged model, left stale by the experiment before
+    assert git_out("status", "--porcelain", cwd=repo) == ""
+    costs = {name: (repo / "metrics/cost" / name).read_bytes() for name in ("train.json", "evaluate_base.json")}
+    output = dvc("repro", "-f", "train", "evaluate_base", cwd=repo)
+    assert {"train", "evaluate_base"} <= set(ran(output))
+    assert git_out("status", "--porcelain", cwd=repo) == ""  # dvc.lock, metrics, curves, cost: all the same
+    for name, cost in costs.items():
+        assert (repo / "metrics/cost" / name).read_bytes() == cost, name
+    assert json.loads(dvc("metrics", "diff", "--json", cwd=repo)) == {}
+    assert _status(repo) == set()
+
+
+def test_a_queued_grid_runs_each_experiment_in_a_clean_copy(repo):
+    """`dvc exp run --queue -S 'lora.r=range(8,17,8)'` + `dvc queue start`: each experiment starts from
+    a copy of the commit, so everything it reads must be in git or DVC (the base model is `dvc add`ed)."""
+    restore_baseline(repo)
+    queued = dvc("exp", "run", "--queue", "-S", GRID, cwd=repo)
+    names = re.findall(r"Queued experiment '([^']+)'", queued)
+    assert len(names) == 2, queued
+    dvc("queue", "start", cwd=repo)
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", dvc("queue", "status", cwd=repo)):
+        assert time.monotonic() < deadline, dvc("queue", "status", cwd=repo)
+        time.sleep(3)
+    dvc("queue", "stop", cwd=repo)  # no worker left behind
+    status = dvc("queue", "status", cwd=repo)
+    assert all(re.search(rf"{name}.*Success", status) for name in names), status
+
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
+    runs = {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or [])}
+    assert sorted(runs[name]["params"]["params.yaml"]["data"]["lora"]["r"] for name in names) == [8, 16]
+    losses = {runs[name]["metrics"]["metrics/train.json"]["data"]["train"]["loss"] for name in names}
+    assert len(losses) == 2  # two ranks really trained
+
+
 def _status(repo) -> set[str]:
     return set(json.loads(dvc("status", "--json", cwd=repo)))
 
@@ -178,16 +266,32 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     """exp apply, git checkout + dvc checkout, and a teammate's clone + dvc pull: merge reruns
     (models/merged is not cached), train never does."""
     restore_baseline(repo)
+    # the team's remotes (README, "Working as a team"), set and committed before the experiments:
+    # `dvc exp push` reads the DVC remote from the experiment's own commit
+    git("init", "-q", "--bare", str(tmp_path / "team.git"), cwd=tmp_path)
+    git("remote", "add", "origin", str(tmp_path / "team.git"), cwd=repo)
+    dvc("remote", "add", "-d", "shared", str(tmp_path / "dvc-remote"), cwd=repo)
+    git("commit", "-qm", "shared DVC remote", ".dvc/config", cwd=repo)
     baseline = snapshot(repo)
     dvc("exp", "run", "-S", "lora.r=4", "-n", "rank-4", cwd=repo)
     experiment = snapshot(repo)
     assert experiment["models/adapter/adapter_model.safetensors"] != baseline["models/adapter/adapter_model.safetensors"]
 
-    # back to the committed result: only the (uncached) merged model is stale
+    # back to the committed result: only the (uncached) merged model is stale, and predict says so
     restore_baseline(repo)
     assert "train" not in _status(repo) and "merge" in _status(repo)
+    refused = predict(repo)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        "error: models/merged does not match dvc.lock (results were switched, or params changed since); "
+        "run `dvc repro merge` first"]
     assert "train" not in ran(dvc("repro", cwd=repo))
     assert _status(repo) == set()
+    answered = predict(repo)
+    assert answered.returncode == 0, answered.stderr  # (the tiny model's four tokens may be blank)
+    adapter = _locked_out(repo, "train", "models/adapter")[:8]
+    assert (f"answering from models/merged: adapter {adapter} (lora.r=16, lora.alpha=16, train.learning_rate=0.02, "
+            "train.max_steps=24, seed=3407) merged into tiny-base, as dvc.lock records it") in answered.stderr
 
     # and to the experiment again
     dvc("exp", "apply", "rank-4", cwd=repo)
@@ -196,19 +300,36 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     assert "train" not in ran(output) and "merge" in ran(output)
     assert snapshot(repo)["metrics/eval.json"] == experiment["metrics/eval.json"]
 
-    # a teammate: clone, pull from a shared remote, reproduce
+    # a teammate (README, "Working as a team"): the result and the experiment go through a git remote
+    # and a DVC remote; a clone + dvc pull gets the adapter, metrics and base model, and merge rebuilds
+    # models/merged, never train
     restore_baseline(repo)
     dvc("repro", cwd=repo)
-    dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=repo)
+    branch = git_out("rev-parse", "--abbrev-ref", "HEAD", cwd=repo).strip()
+    git("push", "-q", "origin", branch, cwd=repo)
     dvc("push", cwd=repo)
+    dvc("exp", "push", "origin", "rank-4", cwd=repo)
+
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-    dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=clone)
-    shutil.copytree(repo / "models/tiny-base", clone / "models/tiny-base")  # the base model is on disk
+    git("clone", "-q", "-b", branch, str(tmp_path / "team.git"), str(clone), cwd=tmp_path)
     dvc("pull", cwd=clone)
+    assert (clone / "tiny-base/config.json").exists() and (clone / "models/adapter/adapter_config.json").exists()
     assert "train" not in _status(clone) and "merge" in _status(clone)  # evaluate waits for merge
     output = dvc("repro", cwd=clone)
     assert "train" not in ran(output) and "merge" in ran(output)
     assert _status(clone) == set()
     assert (clone / "metrics/eval.json").read_bytes() == baseline["metrics/eval.json"]
-    dvc("remote", "remove", "shared", cwd=repo)
+
+    dvc("exp", "pull", "origin", "rank-4", cwd=clone)
+    dvc("exp", "apply", "rank-4", cwd=clone)
+    output = dvc("repro", cwd=clone)
+    assert "train" not in ran(output) and "merge" in ran(output)
+    assert (clone / "metrics/eval.json").read_bytes() == experiment["metrics/eval.json"]
+    assert "(lora.r=4, " in predict(clone).stderr
+
+
+def _locked_out(repo, stage: str, path: str) -> str:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)

@@ -2,9 +2,14 @@
 
     make smoke        (or: python -m tools.smoke [--dir smoke])
 
+    python -m tools.smoke --grid      (then also a queued grid: lora.r = 8 and 16)
+
 It builds a throw-away copy of the project in ./smoke (its own git and DVC repository, params
-overridden by SMOKE_PARAMS), builds a tiny Llama-shaped model there, and runs `dvc repro`. Your
-params.yaml, dvc.lock and outputs are never touched. The tests use the same workspace.
+overridden by SMOKE_PARAMS), builds a tiny Llama-shaped model there and tracks it with `dvc add`
+(so queued experiments, which run in a fresh copy of the commit, have it too), and runs
+`dvc repro`. With --grid it commits that result, queues `dvc exp run --queue -S
+'lora.r=range(8,17,8)'`, runs the queue with `dvc exp run --run-all` and prints the experiment
+table. Your params.yaml, dvc.lock and outputs are never touched. The tests use the same workspace.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore")
-TINY_MODEL = "models/tiny-base"
+# Outside the git-ignored models/ folder, tracked by tiny-base.dvc: a queued experiment starts from
+# a clean copy of the commit and gets the model from the DVC cache, as it gets every other input.
+TINY_MODEL = "tiny-base"
 
 # Small, fast settings; the meaning of every stage stays the same.
 SMOKE_PARAMS = {
@@ -47,11 +52,23 @@ SMOKE_PARAMS = {
 }
 
 
+GRID = "lora.r=range(8,17,8)"
+
+
 def set_key(params: dict, dotted: str, value) -> None:
     *sections, key = dotted.split(".")
     for section in sections:
         params = params.setdefault(section, {})
     params[key] = value
+
+
+def write_params(path: Path, overrides: dict) -> None:
+    """Set dotted keys in a params file the way `dvc exp run -S` does: comments and layout kept."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(path) as params:
+        for key, value in overrides.items():
+            set_key(params, key, value)
 
 
 def dvc_environment() -> dict:
@@ -76,36 +93,53 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy2(source, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text(encoding="utf-8"))
-    for key, value in {**SMOKE_PARAMS, **(overrides or {})}.items():
-        set_key(params, key, value)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    (dest / ".gitignore").write_text("/models/\n/data/prepared\n/dvclive\n", encoding="utf-8")
+    write_params(dest / "params.yaml", {**SMOKE_PARAMS, **(overrides or {})})
+    (dest / ".gitignore").write_text("/models/\n/data/prepared\n", encoding="utf-8")
     build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json")
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "smoke@localhost"], dest)
     run(["git", "config", "user.name", "smoke"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    run([sys.executable, "-m", "dvc", "add", "-q", TINY_MODEL], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "smoke workspace"], dest)
     return dest
 
 
+def dvc(workspace: Path, *args: str) -> None:
+    """A dvc command in the workspace, its output shown; a failure stops the smoke run."""
+    print(f"\n$ dvc {' '.join(args)}", flush=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=dvc_environment())
+    if result.returncode != 0:
+        raise SystemExit(f"smoke run failed in `dvc {' '.join(args)}`: see the output above "
+                         f"(workspace kept in {workspace})")
+
+
+def run_grid(workspace: Path) -> None:
+    """Commit the result, then queue and run a grid of experiments, as the README shows."""
+    run(["git", "add", "-A"], workspace)
+    run(["git", "commit", "-q", "-m", "smoke baseline run"], workspace)
+    dvc(workspace, "exp", "run", "--queue", "-S", GRID)
+    dvc(workspace, "exp", "run", "--run-all")
+    subprocess.run([sys.executable, "-m", "tools.review", "--experiments"], cwd=workspace, env=dvc_environment())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("smoke"), help="workspace to (re)create")
+    parser.add_argument("--grid", action="store_true", help=f"then queue and run the grid {GRID}")
     args = parser.parse_args()
     started = time.perf_counter()
     workspace = make_workspace(args.dir)
     print(f"smoke workspace: {workspace} (tiny model, {len(SMOKE_PARAMS)} params overridden)", flush=True)
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workspace, env=dvc_environment())
-    if result.returncode != 0:
-        raise SystemExit(f"smoke run failed: see the output above (workspace kept in {workspace})")
+    dvc(workspace, "repro")
     metrics = json.loads((workspace / "metrics/eval.json").read_text(encoding="utf-8"))
     print(f"\nsmoke run done in {time.perf_counter() - started:.0f}s. Test metrics of the tiny model:")
     print(json.dumps(metrics["tuned"]["test"], indent=2, ensure_ascii=False))
-    print(f"Report: {workspace}/metrics/report.md")
+    print(f"Report: {workspace}/metrics/report.md, plots: {workspace}/metrics/plots/")
+    if args.grid:
+        run_grid(workspace)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,208 @@
+"""Reviewing a change: offline PNG plots, the pull-request comment and the workflow that posts it."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import paths
+from stages.headline import HEADLINE
+from stages.plots import draw, file_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_plot_is_drawn_as_a_png_with_the_network_blocked(pipeline_run, tmp_path, monkeypatch):
+    # pipeline_run ran the plots stage in-process with socket.connect refused
+    assert json.loads((pipeline_run / ".network_attempts.json").read_text()) == []
+    drawn = sorted(p.name for p in (pipeline_run / paths.PLOTS_DIR).iterdir())
+    assert drawn == ["decisions-of-the-base-model.png", "decisions-of-the-fine-tuned-model.png", "eval-loss.png",
+                     "loss-per-optimizer-step.png", "rouge-l-per-test-question-base-x-vs-fine-tuned-y.png",
+                     "train-grad-norm.png", "train-learning-rate.png", "train-loss.png"]
+    for name in drawn:
+        data = (pipeline_run / paths.PLOTS_DIR / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name  # a drawn figure, not an empty canvas
+    # the report, written before the plots stage runs, links dvc.yaml's plots where that stage draws them
+    report = (pipeline_run / paths.REPORT).read_text(encoding="utf-8")
+    linked = re.findall(r"^- \[[^]]+\]\((plots/[^)]+)\)$", report, flags=re.M)
+    assert len(linked) == 4 and all((pipeline_run / "metrics" / link).is_file() for link in linked), linked
+
+    # identical data, identical bytes: a rerun leaves the git-tracked PNGs alone
+    from stages import plots
+
+    copy = tmp_path / "ws"
+    shutil.copytree(pipeline_run, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    shutil.rmtree(paths.PLOTS_DIR)
+    plots.main([])
+    for name in drawn:
+        assert (copy / paths.PLOTS_DIR / name).read_bytes() == (pipeline_run / paths.PLOTS_DIR / name).read_bytes()
+
+
+def test_a_confusion_template_becomes_a_heatmap(tmp_path):
+    points = [{"actual": a, "predicted": p, "rev": "workspace", "filename": "eval/decisions.json"}
+              for a, p in [("yes", "yes"), ("yes", "no"), ("no", "no"), ("maybe", "no")]]
+    plot = {"title": "Decisions", "template": "confusion", "x": "actual", "y": "predicted",
+            "x_label": "actual", "y_label": "predicted", "points": points}
+    draw(plot, tmp_path / file_name(plot["title"]))
+    assert (tmp_path / "decisions.png").read_bytes().startswith(PNG)
+
+
+def test_plot_names_are_short_and_stable():
+    assert file_name("Loss per optimizer step") == "loss-per-optimizer-step.png"
+    assert file_name("dvclive/train/plots/metrics/eval/loss.tsv") == "eval-loss.png"
+
+
+# --- the pull-request comment, on a temporary repository with two commits -----------------------
+
+BASE_METRICS = {
+    "metrics/train.json": {"train": {"loss": 1.5, "eval_loss_best": 1.4, "eval_loss_last": 1.45}},
+    "metrics/cost/train.json": {"train": {"tokens_per_s": 900.0, "runtime_s": 60.0}},
+    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.20, "loss": 1.3}}},  # no decision accuracy yet
+}
+HEAD_METRICS = {
+    "metrics/train.json": {"train": {"loss": 1.2, "eval_loss_best": 1.5, "eval_loss_last": 1.5}},
+    "metrics/cost/train.json": {"train": {"tokens_per_s": 1100.0, "runtime_s": 50.0}},
+    "metrics/eval.json": {"tuned": {"test": {"rougeL": 0.25, "loss": 1.3, "accuracy": 0.6}}},
+}
+REPORT = """# Evaluation report
+
+- **Run:** commit `abc1234`
+- **Test set:** 5 questions (validation: 5)
+
+> **Small test set.** With 5 questions one question moves accuracy by 20.0 points: read the intervals.
+
+## Base vs fine-tuned
+
+| metric | better | base | fine-tuned | change [95% interval] | verdict |
+| --- | --- | ---: | ---: | --- | --- |
+| ROUGE-L F1 | higher | 0.1000 | 0.2500 | +0.150 [+0.050, +0.250] | **better** |
+
+Change = fine-tuned minus base.
+
+## Decisions
+
+| | yes | no | total |
+"""
+
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def _write_result(repo: Path, metrics: dict, losses: list[float]) -> None:
+    for name, content in metrics.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(json.dumps(content), encoding="utf-8")
+    for curve in ("train", "eval"):
+        tsv = repo / "dvclive/train/plots/metrics" / curve / "loss.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        tsv.write_text("step\tloss\n" + "".join(f"{i + 1}\t{v}\n" for i, v in enumerate(losses)), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def two_commits(tmp_path_factory) -> Path:
+    """The project's dvc.yaml and params.yaml; a base commit, then a commit that changes lora.r and
+    the results (as after `dvc exp run -S lora.r=8` and a commit). Nothing is trained."""
+    from tools.smoke import dvc_environment, write_params
+
+    repo = tmp_path_factory.mktemp("review") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, repo / name)
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@localhost")
+    _git(repo, "config", "user.name", "t")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=dvc_environment())
+    _write_result(repo, BASE_METRICS, [2.0, 1.8, 1.5])
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "base")
+    write_params(repo / "params.yaml", {"lora.r": 8})
+    _write_result(repo, HEAD_METRICS, [2.0, 1.6, 1.2])
+    (repo / "metrics/report.md").write_text(REPORT, encoding="utf-8")
+    (repo / paths.PLOTS_DIR).mkdir()
+    (repo / paths.PLOTS_DIR / "train-loss.png").write_bytes(PNG)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "rank 8")
+    return repo
+
+
+def review(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    from tools.smoke import dvc_environment
+
+    env = {**dvc_environment(), "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "tools.review", *args], cwd=repo, capture_output=True,
+                          text=True, env=env)
+
+
+def test_the_review_comment_compares_params_headline_metrics_report_and_plots(two_commits, tmp_path):
+    result = review(two_commits, "HEAD~1", "--out", "comment.md", "--plots-dir", "review-plots",
+                    "--link-base", "https://example.org/blob/abc")
+    assert result.returncode == 0, result.stderr
+    text = (two_commits / "comment.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+
+    # dvc params diff --md
+    assert any(line.replace(" ", "") == "|params.yaml|lora.r|16|8|" for line in lines), text
+    # headline metrics, with direction: lower train loss is better, higher ROUGE-L is better
+    row = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines
+           if line.startswith("| `")}
+    assert row["`train.loss` (lower is better)"] == ["1.5000", "1.2000", "-0.3000", "better"]
+    assert row["`train.eval_loss_best` (lower is better)"] == ["1.4000", "1.5000", "+0.1000", "worse"]
+    assert row["`tuned.test.rougeL` (higher is better)"] == ["0.2000", "0.2500", "+0.0500", "better"]
+    assert row["`tuned.test.loss` (lower is better)"][-1] == "same"
+    assert row["`tuned.test.accuracy` (higher is better)"] == ["n/a", "0.6000", "n/a", "n/a"]
+    assert row["`vs_base.test.rougeL.delta` (higher is better)"] == ["n/a", "n/a", "n/a", "n/a"]
+    assert len(row) == len(HEADLINE)
+    # the cost moved too, folded away with the other changed metrics
+    assert "| metrics/cost/train.json | `train.tokens_per_s` | 900.0000 | 1,100.0 |" in lines
+    # the report's summary table, and the plots: the committed PNG linked, both revisions drawn
+    assert "| ROUGE-L F1 | higher | 0.1000 | 0.2500 | +0.150 [+0.050, +0.250] | **better** |" in lines
+    assert "| | yes | no | total |" not in lines  # only the summary table
+    assert "[train-loss](https://example.org/blob/abc/metrics/plots/train-loss.png)" in text
+    drawn = sorted(p.name for p in (two_commits / "review-plots").iterdir())
+    assert "loss-per-optimizer-step.png" in drawn
+    assert "![loss-per-optimizer-step](review-plots/loss-per-optimizer-step.png)" in lines
+
+
+def test_plots_of_two_revisions_are_drawn_together(two_commits, tmp_path):
+    from tools.smoke import dvc_environment
+
+    result = subprocess.run([sys.executable, "-m", "stages.plots", "HEAD~1", "-o", str(tmp_path / "plots")],
+                            cwd=two_commits, capture_output=True, text=True,
+                            env={**dvc_environment(), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    from stages.plots import plot_data
+
+    [combined] = [p for p in plot_data(["HEAD~1"], root=two_commits) if p["title"] == "Loss per optimizer step"]
+    assert {point["rev"] for point in combined["points"]} == {"HEAD~1", "workspace"}
+    assert (tmp_path / "plots/loss-per-optimizer-step.png").read_bytes().startswith(PNG)
+
+
+def test_an_unknown_base_is_one_line(two_commits):
+    result = review(two_commits, "no-such-branch")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: `dvc metrics diff no-such-branch --all --json` failed: ERROR: unknown Git revision 'no-such-branch'"]
+
+
+def test_the_workflow_posts_the_same_command_on_pull_requests():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/review.yml").read_text(encoding="utf-8"))
+    assert "pull_request" in workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert workflow["permissions"]["pull-requests"] == "write"
+    [job] = workflow["jobs"].values()
+    assert job["runs-on"] == "ubuntu-latest"  # no GPU: the metrics, curves and report are in git
+    runs = [step.get("run", "") for step in job["steps"]]
+    assert any(step.get("with", {}).get("fetch-depth") == 0 for step in job["steps"])  # the base branch too
+    [command] = [r for r in runs if "python -m tools.review" in r]
+    assert command.split()[:4] == ["python", "-m", "tools.review", "origin/${{"]
+    assert any(r.startswith("cml comment update") and "review.md" in r for r in runs)
+    # and `make review` runs the same module
+    assert "-m tools.review $(BASE)" in (ROOT / "Makefile").read_text(encoding="utf-8")

@@ -1,0 +1,185 @@
+"""The pull-request comment: what this revision changes against a base, as one markdown page.
+
+    python -m tools.review BASE [--out review.md] [--plots-dir DIR] [--link-base URL]
+    python -m tools.review --experiments       (the experiment table, headline columns only)
+    make review BASE=main                      make exps
+
+The comment holds the params diff (`dvc params diff --md BASE`), the headline metrics of
+stages/headline.py with the way each should move, every other changed metric (cost included)
+folded away, the summary table of metrics/report.md, and the plots: links to metrics/plots/*.png
+and, with --plots-dir, PNGs of BASE's and this revision's curves drawn together. Metrics, curves
+and the report are in git, so it needs no GPU and no DVC remote;
+.github/workflows/review.yml posts it on every pull request.
+
+`--experiments` is `dvc exp show --only-changed` without the columns that push the changed params
+off a 120-column screen: every metric not marked for the table in stages/headline.py, the
+dependency hashes, the creation time and the queue's state and executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from stages import paths
+from stages.errors import UserError, stage_entrypoint
+from stages.headline import HEADLINE
+
+VERDICT = {1: "better", -1: "worse", 0: "same"}
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        raise UserError(f"`dvc {' '.join(args)}` failed: {lines[-1]}")
+    return result.stdout
+
+
+def metric_values(base: str) -> dict[tuple[str, str], tuple]:
+    """(file, key) -> (value at base, value here) for every metric of either revision."""
+    diff = json.loads(dvc("metrics", "diff", base, "--all", "--json") or "{}")
+    return {(file, key): (change.get("old"), change.get("new"))
+            for file, changes in diff.items() for key, change in changes.items()}
+
+
+def _number(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4f}"
+    return str(value)
+
+
+def _verdict(old, new, better: str) -> str:
+    if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
+        return "n/a"
+    sign = (new > old) - (new < old)
+    return VERDICT[sign if better == "higher" else -sign]
+
+
+def headline_table(values: dict, base: str) -> str:
+    lines = [f"| metric | {base} | this revision | change | verdict |", "| --- | ---: | ---: | ---: | --- |"]
+    for metric in HEADLINE:
+        old, new = values.get((metric.file, metric.key), (None, None))
+        change = f"{new - old:+.4f}" if isinstance(old, (int, float)) and isinstance(new, (int, float)) else "n/a"
+        lines.append(f"| `{metric.key}` ({metric.better} is better) | {_number(old)} | {_number(new)} | {change} "
+                     f"| {_verdict(old, new, metric.better)} |")
+    return "\n".join(lines)
+
+
+def report_summary(report: Path = paths.REPORT) -> str | None:
+    """The first table of the evaluation report (its base vs fine-tuned summary)."""
+    if not report.exists():
+        return None
+    lines = report.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def plots_section(base: str, link_base: str, plots_dir: Path | None) -> list[str]:
+    lines = []
+    committed = sorted(paths.PLOTS_DIR.glob("*.png"))
+    if committed:
+        prefix = f"{link_base.rstrip('/')}/" if link_base else ""
+        lines.append("This revision: " + ", ".join(f"[{p.stem}]({prefix}{p.as_posix()})" for p in committed))
+    if plots_dir is not None:
+        from stages.plots import plot_data, render
+
+        lines.append("")
+        lines += [f"![{png.stem}]({png.as_posix()})" for png in render(plot_data([base]), plots_dir)]
+    return lines or ["No plots in this revision (`dvc repro` draws them into metrics/plots/)."]
+
+
+def comment(base: str, link_base: str = "", plots_dir: Path | None = None) -> str:
+    values = metric_values(base)
+    headline = {(m.file, m.key) for m in HEADLINE}
+    changed = {k: v for k, v in values.items() if k not in headline and v[0] != v[1]}
+    params = dvc("params", "diff", base, "--md").strip() or f"No params changed against {base}."
+    lines = [f"## Review against {base}", "", "### Headline metrics", "", headline_table(values, base), "",
+             "### Params", "", params, ""]
+    if changed:
+        lines += [f"<details><summary>{len(changed)} other metrics changed (quality and cost)</summary>", "",
+                  "| file | metric | " + base + " | this revision |", "| --- | --- | ---: | ---: |"]
+        lines += [f"| {file} | `{key}` | {_number(old)} | {_number(new)} |"
+                  for (file, key), (old, new) in sorted(changed.items())]
+        lines += ["", "</details>", ""]
+    summary = report_summary()
+    lines += ["### Evaluation report", "", summary or f"No table in {paths.REPORT}.", ""]
+    lines += ["### Plots", "", *plots_section(base, link_base, plots_dir)]
+    return "\n".join(lines) + "\n"
+
+
+def flatten(data, prefix="") -> list[str]:
+    if not isinstance(data, dict):
+        return [prefix]
+    return [key for name, value in data.items() for key in flatten(value, f"{prefix}{name}" if not prefix
+                                                                  else f"{prefix}.{name}")]
+
+
+def experiment_columns() -> tuple[set[str], set[str]]:
+    """Every metric column name (bare and path-qualified) and dependency column of `dvc exp show`."""
+    metrics, deps = set(), set()
+
+    def visit(node):
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "metrics" in data:
+                for file, found in (data.get("metrics") or {}).items():
+                    for key in flatten((found or {}).get("data") or {}):
+                        metrics.update({key, f"{file}:{key}"})
+                deps.update(data.get("deps") or {})
+            for value in node.values():
+                visit(value)
+
+    visit(json.loads(dvc("exp", "show", "--json")))
+    return metrics, deps
+
+
+def show_experiments(extra: list[str]) -> None:
+    metrics, deps = experiment_columns()
+    keep = {m.key for m in HEADLINE if m.in_table} | {f"{m.file}:{m.key}" for m in HEADLINE if m.in_table}
+    # the time and the queue columns too: `dvc queue status` tells how a queued run went
+    drop = sorted((metrics - keep) | deps | {"Created", "State", "Executor"})
+    pattern = "^(" + "|".join(re.escape(name) for name in drop) + ")$"
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager",
+                    "--drop", pattern, *extra], check=False)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", nargs="?", help="git revision to compare with (e.g. main, origin/main)")
+    parser.add_argument("--out", type=Path, help="write the comment here (default: print it)")
+    parser.add_argument("--plots-dir", type=Path, help="also draw BASE's and this revision's plots together here")
+    parser.add_argument("--link-base", default="", help="URL the metrics/plots links start with (default: relative)")
+    parser.add_argument("--experiments", action="store_true", help="print the experiment table instead")
+    return parser.parse_known_args(argv)
+
+
+@stage_entrypoint
+def main(argv=None) -> None:
+    args, extra = parse_args(argv)
+    if args.experiments:
+        show_experiments(extra)
+        return
+    if args.base is None or extra:
+        raise UserError("give the revision to compare with: python -m tools.review main")
+    text = comment(args.base, args.link_base, args.plots_dir)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
