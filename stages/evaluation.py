@@ -34,7 +34,7 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def completion_logprobs(model, tokenizer, examples: list[dict], batch_size) -> list[tuple[float, int]]:
+def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int | str) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each example's labelled tokens, in input order.
 
     `examples` are `tokenize_example` outputs: prompt tokens masked, completion tokens scored.
@@ -44,7 +44,7 @@ def completion_logprobs(model, tokenizer, examples: list[dict], batch_size) -> l
     import torch
     import torch.nn.functional as F
 
-    from stages.memory import scoring_rows
+    from stages.memory import LOGIT_CHUNK, scoring_rows
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
@@ -62,8 +62,12 @@ def completion_logprobs(model, tokenizer, examples: list[dict], batch_size) -> l
             # Position t predicts token t+1.
             targets = labels[:, 1:]
             scored = targets != IGNORE_INDEX
-            logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
-            token_logprobs = -F.cross_entropy(logits, targets[scored], reduction="none")
+            # The head over LOGIT_CHUNK positions at a time: float32 logits take ~0.5 MB a position.
+            positions, wanted = hidden[:, :-1][scored], targets[scored]
+            token_logprobs = torch.cat([
+                -F.cross_entropy(model.get_output_embeddings()(positions[k:k + LOGIT_CHUNK]).float(),
+                                 wanted[k:k + LOGIT_CHUNK], reduction="none")
+                for k in range(0, len(wanted), LOGIT_CHUNK)]) if len(wanted) else wanted.float()
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
             sums.index_add_(0, scored.nonzero()[:, 0], token_logprobs.double())
             for i, total, count in zip(batch, sums.tolist(), scored.sum(dim=1).tolist()):
@@ -83,13 +87,13 @@ def loss_summary(per_row: list[tuple[float, int]]) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(per_row), "answer_tokens": total_tokens}
 
 
-def answer_scores(model, tokenizer, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
+def answer_scores(model, tokenizer, rows: list[dict], batch_size: int | str) -> list[tuple[float, int]]:
     """Per row: (sum of log-probabilities, count) of the reference answer's tokens, as in training."""
     examples = [tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
     return completion_logprobs(model, tokenizer, examples, batch_size)
 
 
-def answer_loss(model, tokenizer, rows: list[dict], batch_size: int) -> dict[str, float]:
+def answer_loss(model, tokenizer, rows: list[dict], batch_size: int | str) -> dict[str, float]:
     """Mean cross-entropy per answer token (prompt tokens masked, as in training) and perplexity."""
     return loss_summary(answer_scores(model, tokenizer, rows, batch_size))
 
@@ -121,7 +125,7 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
     """Answer each prompt, greedy unless eval.do_sample, in input order; `caps` (default
     eval.max_new_tokens each) bounds each answer's tokens."""
     from stages.decoding import CHECK_EVERY, SlotDecoder
-    from stages.memory import answer_plan
+    from stages.memory import answer_plan, generate_rows
 
     encoded = [encode(tokenizer, prompt) for prompt in prompts]
     caps = caps or [eval_params.max_new_tokens] * len(prompts)
@@ -131,13 +135,14 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
     temperature, top_p = eval_params.temperature, eval_params.top_p  # read always: dvc.yaml lists them
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
         if eval_params.do_sample else {"do_sample": False, "temperature": None, "top_p": None}
-    slots, prefill_tokens = answer_plan(model, len(prompts), longest, max_len, eval_params.batch_size)
     started = time.perf_counter()
     if refusal is None:
+        slots, prefill_tokens = answer_plan(model, len(prompts), longest, max_len, eval_params.batch_size)
         tokens, decoded = SlotDecoder(model, slots, max_len, prefill_tokens).run(encoded, caps, stop_ids)
         cut_off, warmup_s = decoded.cut_off, decoded.warmup_s
     else:
         log.info("answers through transformers' generate: %s", refusal)
+        slots = generate_rows(model, len(prompts), longest, max_len, eval_params.batch_size)
         tokens, cut_off = generate_batched(model, tokenizer, encoded, caps, stop_ids, slots, sampling, seed)
         warmup_s = 0.0
     seconds = time.perf_counter() - started

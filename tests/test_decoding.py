@@ -91,7 +91,7 @@ def test_sampling_other_models_and_the_param_go_through_generate(setup, tiny_tok
     model, tokenizer, _ = setup
     prompt = [tokenizer.decode(setup[2][1])]
     assert unsupported(model) is None
-    for update, reason in (({"decoder": "generate"}, None), ({"do_sample": True}, None)):
+    for update in ({"decoder": "generate"}, {"do_sample": True}):
         _, stats = generate_answers(model, tokenizer, prompt, EvalParams(max_new_tokens=4, **update), 0)
         assert stats["decoder"] == "generate"
     mistral = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
@@ -130,7 +130,9 @@ def test_auto_answers_fill_the_free_memory_and_no_more(llama_8b, monkeypatch, fr
     prefill = prefill_tokens * (2 * per_token + memory.forward_bytes_per_token(llama_8b, 2))
     per_answer = per_token * max_len + 8 * max_len + 8 * llama_8b.vocab_size
     budget = free - memory.RESERVE
-    assert longest <= prefill_tokens <= memory.PREFILL_TOKENS and prefill <= max(budget // 4, longest * 1e9)
+    per_prefill_token = 2 * per_token + memory.forward_bytes_per_token(llama_8b, 2)
+    assert prefill_tokens == max(longest, min(memory.PREFILL_TOKENS, budget // 4 // per_prefill_token))
+    assert prefill_tokens == longest or prefill <= budget // 4  # a quarter of the budget, never less than one prompt
     if slots < memory.MAX_ANSWERS:  # the most that fit: one more would not
         assert slots == 1 or prefill + slots * per_answer <= budget
         assert prefill + (slots + 1) * per_answer > budget
@@ -140,10 +142,25 @@ def test_auto_answers_fill_the_free_memory_and_no_more(llama_8b, monkeypatch, fr
     assert memory.answer_plan(model, 500, longest, max_len, 7)[0] == 7  # a number is taken as given
 
 
+def test_the_generate_fallback_takes_fewer_rows_than_the_fast_loop(llama_8b, monkeypatch):
+    # generate prefills whole prompts at once and copies its growing cache: measured 0.35 GiB a row
+    # on the 8B model against 0.25 GiB a slot of the fast loop
+    model = _gpu_model(llama_8b)
+    for free_gib in (7.5, 60.0):
+        monkeypatch.setattr(memory, "free_bytes", lambda gib=free_gib: int(gib * memory.GIB))
+        slots, _ = memory.answer_plan(model, 500, 1536, 1792, "auto")
+        rows = memory.generate_rows(model, 500, 1536, 1792, "auto")
+        assert 1 <= rows < slots
+        assert rows * 0.35 * memory.GIB <= free_gib * memory.GIB - memory.RESERVE
+    assert memory.generate_rows(model, 500, 1536, 1792, 16) == 16
+
+
 def test_auto_scoring_rows_fit_the_free_memory(llama_8b, monkeypatch):
     model = _gpu_model(llama_8b)
     per_row = 1600 * memory.forward_bytes_per_token(llama_8b, 2)
-    for free_gib, expected in ((6.0, (6 * memory.GIB - memory.RESERVE) // per_row), (0.5, 1), (200.0, 64)):
+    budget = lambda gib: int(gib * memory.GIB) - memory.RESERVE - memory.logit_bytes(llama_8b)  # noqa: E731
+    assert memory.logit_bytes(llama_8b) > 1e9  # the output layer's chunk is planned for, not a rounding error
+    for free_gib, expected in ((8.0, budget(8.0) // per_row), (0.5, 1), (200.0, 64)):
         monkeypatch.setattr(memory, "free_bytes", lambda gib=free_gib: int(gib * memory.GIB))
         assert memory.scoring_rows(model, 1600, "auto") == max(1, min(64, expected))
     assert memory.scoring_rows(model, 1600, 5) == 5
@@ -155,3 +172,19 @@ def test_without_a_gpu_auto_means_a_fixed_batch(setup):
     assert memory.answer_plan(model, 3, 100, 400, "auto")[0] == 3
     assert memory.scoring_rows(model, 100, "auto") == memory.CPU_BATCH
     assert stop_token_ids(model, setup[1])  # the loop always has an end of turn to stop at
+
+
+def test_scoring_through_the_output_layer_in_chunks_gives_the_same_log_probabilities(setup, monkeypatch):
+    from stages.evaluation import completion_logprobs
+    from stages.prompt import tokenize_example
+
+    model, tokenizer, _ = setup
+    records = json.loads(SAMPLE.read_text(encoding="utf-8"))[:4]
+    examples = [tokenize_example(tokenizer, render_prompt(tokenizer, build_messages("", r["QUESTION"], [], False)),
+                                 r["LONG_ANSWER"]) for r in records]
+    whole = completion_logprobs(model, tokenizer, examples, 4)
+    monkeypatch.setattr(memory, "LOGIT_CHUNK", 3)  # every row's answer spans several chunks
+    chunked = completion_logprobs(model, tokenizer, examples, 4)
+    assert all(count > 3 for _, count in whole)
+    assert [count for _, count in chunked] == [count for _, count in whole]
+    assert [total for total, _ in chunked] == pytest.approx([total for total, _ in whole], rel=1e-5)
