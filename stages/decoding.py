@@ -200,41 +200,52 @@ class SlotDecoder:
         stats = DecodeStats(slots=self.slots, warmup_s=self.warmup_s, cut_off=[False] * len(prompts))
         answers: list[list[int] | None] = [None] * len(prompts)
         waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))  # similar widths prefill together
-        owner: list[int | None] = [None] * self.slots
-        stops = torch.tensor(stop_ids, device=self.device)
-        limit = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        owner: list[int | None] = [None] * self.slots  # the prompt each slot is answering
+        self._stops = torch.tensor(stop_ids, device=self.device)
+        self._limits = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         started = time.perf_counter()
         with torch.inference_mode():
-            while waiting or any(o is not None for o in owner):
-                assignments = []
-                for slot in range(self.slots if continuous or all(o is None for o in owner) else 0):
-                    if owner[slot] is None and waiting:
-                        owner[slot] = waiting.popleft()
-                        assignments.append((slot, prompts[owner[slot]]))
-                        limit[slot] = caps[owner[slot]]
-                if assignments:
-                    self._prefill(assignments)
+            while waiting or any(index is not None for index in owner):
+                if continuous or all(index is None for index in owner):
+                    self._refill(owner, waiting, prompts, caps)
                     if stats.first_token_s is None:
-                        self.history[0, 0].item()  # waits for the prefill
+                        self.history[0, 0].item()  # waits for the first prefill
                         stats.first_token_s = time.perf_counter() - started
                 self._advance(CHECK_EVERY)
                 stats.steps += CHECK_EVERY
-                written = self.columns[None, :] < self.generated[:, None]
-                stopped = (torch.isin(self.history, stops) & written).any(dim=1)
-                done = (stopped | (self.generated >= limit)).tolist()
-                for slot, index in enumerate(owner):
-                    if index is None or not (done[slot] or stream):
-                        continue
-                    tokens = self.history[slot, : min(int(self.generated[slot]), caps[index])].tolist()
-                    if not done[slot]:
-                        stream(index, tokens)
-                        continue
-                    ends = [k for k, token in enumerate(tokens) if token in stop_ids]
-                    answers[index] = tokens[: ends[0]] if ends else tokens
-                    stats.cut_off[index] = not ends
-                    stats.new_tokens += len(answers[index])
-                    owner[slot] = None
-                    if stream:
-                        stream(index, answers[index])
+                self._collect(owner, caps, stop_ids, answers, stats, stream)
         stats.seconds = time.perf_counter() - started
         return answers, stats
+
+    def _refill(self, owner: list[int | None], waiting: deque, prompts: list[list[int]], caps: list[int]) -> None:
+        """Give every free slot the next waiting prompt, and prefill them together."""
+        assignments = []
+        for slot in range(self.slots):
+            if owner[slot] is None and waiting:
+                owner[slot] = waiting.popleft()
+                assignments.append((slot, prompts[owner[slot]]))
+                self._limits[slot] = caps[owner[slot]]
+        if assignments:
+            self._prefill(assignments)
+
+    def _collect(self, owner, caps, stop_ids, answers, stats, stream) -> None:
+        """Take out each answer that wrote a stop token or reached its cap, freeing its slot."""
+        import torch
+
+        written = self.columns[None, :] < self.generated[:, None]
+        stopped = (torch.isin(self.history, self._stops) & written).any(dim=1)
+        done = (stopped | (self.generated >= self._limits)).tolist()  # the one wait for the GPU per look
+        for slot, index in enumerate(owner):
+            if index is None or not (done[slot] or stream):
+                continue
+            tokens = self.history[slot, : min(int(self.generated[slot]), caps[index])].tolist()
+            if not done[slot]:
+                stream(index, tokens)  # a growing answer
+                continue
+            ends = [k for k, token in enumerate(tokens) if token in stop_ids]
+            answers[index] = tokens[: ends[0]] if ends else tokens
+            stats.cut_off[index] = not ends
+            stats.new_tokens += len(answers[index])
+            owner[slot] = None
+            if stream:
+                stream(index, answers[index])
