@@ -130,17 +130,24 @@ def prompt_ids(tokenizer, params, question: str, contexts: list[str], max_new_to
 
 
 class _Printer:
-    """Prints a growing answer as it comes, holding back a character still missing bytes."""
+    """Prints a growing answer as it comes (as evaluation records it: stripped), holding back a
+    character still missing bytes; `finish` makes sure the whole answer ends up printed."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.printed = tokenizer, ""
 
     def __call__(self, index: int, tokens: list[int]) -> None:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        complete = text.rstrip("\ufffd")
+        complete = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip().rstrip("\ufffd")
         if complete.startswith(self.printed) and len(complete) > len(self.printed):
             print(complete[len(self.printed):], end="", flush=True)
             self.printed = complete
+
+    def finish(self, tokens: list[int]) -> None:
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if answer.startswith(self.printed):
+            print(answer[len(self.printed):], flush=True)
+        else:  # decoding more tokens rewrote text already printed: the whole answer again
+            print(f"\n{answer}", flush=True)
 
 
 def answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> None:
@@ -152,11 +159,13 @@ def answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> None:
 
     stop_ids, refusal = stop_token_ids(model, tokenizer), unsupported(model)
     if refusal is None:
+        printer = _Printer(tokenizer)
         decoder = SlotDecoder(model, 1, len(ids) + max_new_tokens + CHECK_EVERY, prefill_tokens=len(ids))
-        [tokens], stats = decoder.run([ids], [max_new_tokens], stop_ids, stream=_Printer(tokenizer))
-        print(flush=True)
-        log.info("first token after %.2fs, %d new tokens at %.1f tokens/s (warm-up %.2fs)", stats.first_token_s,
-                 len(tokens), len(tokens) / stats.seconds if stats.seconds else 0.0, stats.warmup_s)
+        [tokens], stats = decoder.run([ids], [max_new_tokens], stop_ids, stream=printer)
+        printer.finish(tokens)
+        log.info("first token %.2fs after the start (the prompt's %d tokens read), %d new tokens at %.1f tokens/s; "
+                 "%.2fs of warm-up before", stats.first_token_s, len(ids), len(tokens),
+                 len(tokens) / stats.seconds if stats.seconds else 0.0, stats.warmup_s)
         return
     from transformers import TextStreamer
 

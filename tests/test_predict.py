@@ -37,3 +37,20 @@ def test_predict_without_a_model_says_what_to_run(workspace, capsys):
     with pytest.raises(SystemExit):
         predict.main(["질문?"])
     assert "run `dvc repro merge` first, or pass --adapter" in capsys.readouterr().err
+
+
+class _Decoder:
+    """A tokenizer stand-in whose text for more tokens rewrites what fewer tokens gave."""
+
+    texts = {(1,): " 안녕 '", (1, 2): " 안녕'하세요 "}
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return self.texts[tuple(tokens)]
+
+
+def test_a_streamed_answer_that_decoding_rewrites_is_printed_whole(capsys):
+    printer = predict._Printer(_Decoder())
+    printer(0, [1])
+    printer(0, [1, 2])  # no longer extends what was printed: nothing more yet
+    printer.finish([1, 2])
+    assert capsys.readouterr().out == "안녕 '\n안녕'하세요\n"  # stripped, as evaluation records answers
