@@ -9,7 +9,7 @@ train.num_processes set, so the stage's own accelerate relaunch is what is timed
 samples every GPU's memory. The parts run in this order, the results file rewritten after each:
 
 1. unsloth, N processes, 12/N rows per device (effective batch 12)
-   and the same with the rows dealt as they come (UNSLOTH_TOKEN_BALANCE=0) instead of by tokens
+   with UNSLOTH_TOKEN_BALANCE=1 (rows dealt by tokens), and the same as dealt (-unbalanced, =0)
 2. unsloth, 1 process, 12 rows (the shipped default)
 3. `python -m stages.merge` on the adapter of 1, compared with the adapter of 2: the same files,
    keys, shapes and config, close weights and per-step losses, and one merged weight checked
@@ -31,11 +31,11 @@ from pathlib import Path
 
 from benchmarks.bench import environment, matmul_peak, model_info, read_metrics, synthetic_records, timed
 from benchmarks.run_stages import prepare_workspace, run_stages
-from stages.launch import TOKEN_BALANCE
 
 log = logging.getLogger("benchmarks.bench_parallel")
 
 EFFECTIVE_BATCH = 12  # the recipe's rows per optimizer step
+TOKEN_BALANCE = "UNSLOTH_TOKEN_BALANCE"
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 
 
@@ -78,7 +78,7 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     metrics = {**read_metrics(workspace, "train.json")["train"], **read_metrics(workspace, "cost/train.json")["train"],
                **read_metrics(workspace, "info/train.json")}
     gpus = metrics["num_processes"]
-    keys = ("backend", "num_processes", "token_balance", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
+    keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
             "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
     return {
         **{key: metrics[key] for key in keys},
@@ -207,6 +207,7 @@ def main() -> None:
                                                  model_dir, fatal=False)
         else:
             log.info("training %s", name)
+            # unsloth's opt-in: each step's rows dealt to the processes in equal token counts
             os.environ[TOKEN_BALANCE] = "0" if name.endswith("-unbalanced") else "1"
             results["train"][name] = timed(train_variant, work / name, template, overrides, flops, peak, fatal=False)
         speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}

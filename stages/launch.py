@@ -25,18 +25,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-TOKEN_BALANCE = "UNSLOTH_TOKEN_BALANCE"
-
-
-def balance_tokens() -> None:
-    """Under DDP, deal each step's rows to the processes in equal token counts (unsloth 2026.10's
-    opt-in; every step keeps its rows, so the loss is the same). With padding-free batches a step
-    otherwise waits for the process that drew the longer rows (benchmarks/README.md). A value set
-    by the user is kept; one process is left as it is."""
-    if world_size() > 1:
-        os.environ.setdefault(TOKEN_BALANCE, "1")
-
-
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -138,7 +138,6 @@ def main() -> None:
         backend = choose_backend(params.model.backend)  # fail here, not in N processes
         raise SystemExit(launch.launch(train.num_processes, train.accelerate_config, backend))
     launch.bind_device(on_cuda)
-    launch.balance_tokens()
     model, tokenizer, backend = load_for_training(params.model, params.lora, train.gradient_checkpointing, params.seed)
     # Only now, after unsloth (when used) has patched them, import trl and transformers' pieces.
     import torch
@@ -198,8 +197,6 @@ def main() -> None:
                 "effective_batch_size": effective_batch,
                 "num_processes": processes,
                 "backend": backend,
-                # unsloth says whether it dealt rows by tokens (launch.balance_tokens)
-                "token_balance": bool(getattr(trainer, "_unsloth_token_balance_active", False)),
                 "device": torch.cuda.get_device_name() if on_cuda else "cpu",  # what the cost was measured on
                 "versions": checkpoints.library_versions(),
                 "fingerprint": fingerprint,  # params, data, code, versions: a change means a new cost measurement

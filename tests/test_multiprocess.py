@@ -3,7 +3,6 @@ same effective batch; the launch's mistakes are one line each."""
 
 import csv
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -166,13 +165,3 @@ def test_one_process_is_pinned_to_one_gpu(monkeypatch):
     launch.use_one_gpu(2)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
-
-@pytest.mark.parametrize("world, preset, expected", [("2", None, "1"), ("1", None, None), ("4", "0", "0")])
-def test_several_processes_deal_rows_by_tokens_unless_the_user_says_otherwise(monkeypatch, world, preset, expected):
-    monkeypatch.setenv("WORLD_SIZE", world)
-    if preset is None:
-        monkeypatch.delenv(launch.TOKEN_BALANCE, raising=False)
-    else:
-        monkeypatch.setenv(launch.TOKEN_BALANCE, preset)
-    launch.balance_tokens()
-    assert os.environ.get(launch.TOKEN_BALANCE) == expected
