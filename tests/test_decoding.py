@@ -188,3 +188,45 @@ def test_scoring_through_the_output_layer_in_chunks_gives_the_same_log_probabili
     assert all(count > 3 for _, count in whole)
     assert [count for _, count in chunked] == [count for _, count in whole]
     assert [total for total, _ in chunked] == pytest.approx([total for total, _ in whole], rel=1e-5)
+
+
+def test_the_plan_for_the_8b_model_on_a_24_gb_card_worked_by_hand(llama_8b, monkeypatch):
+    # 7.5 GiB free after the weights, 3 GiB kept back: a budget of 4.5 GiB = 4,831,838,208 bytes.
+    monkeypatch.setattr(memory, "free_bytes", lambda: int(7.5 * memory.GIB))
+    model = _gpu_model(llama_8b)
+    # a token's keys and values: 32 layers x 8 heads x 128 x 2 x 2 bytes = 131,072;
+    # its widest activations: 2 bytes x (4 x 4096 + 6 x 32 x 128 + 3 x 14336) = 167,936;
+    # one output-layer chunk: 1,024 positions x 128,256 x (2 + 4 + 4) bytes = 1,313,341,440
+    assert memory.kv_bytes_per_token(llama_8b, 2) == 131_072
+    assert memory.forward_bytes_per_token(llama_8b, 2) == 167_936
+    assert memory.logit_bytes(llama_8b) == 1_313_341_440
+    # prefill: a quarter of the budget at 2 x 131,072 + 167,936 = 430,080 bytes a token = 2,808 tokens;
+    # an answer of 1,792 tokens: 131,072 x 1,792 + 8 x 1,792 + 8 x 128,256 = 235,921,408 bytes;
+    # (4,831,838,208 - 2,808 x 430,080) // 235,921,408 = 15 answers at once
+    assert memory.answer_plan(model, 500, 1536, 1792, "auto") == (15, 2808)
+    # generate: 3 x 131,072 x 1,792 + 1,536 x 167,936 + 12 x 128,256 = 964,131,840 bytes a row: 5 rows
+    assert memory.generate_rows(model, 500, 1536, 1792, "auto") == 5
+    # scoring rows of 1,600 tokens: (4,831,838,208 - 1,313,341,440) // (1,600 x 167,936) = 13
+    assert memory.scoring_rows(model, 1600, "auto") == 13
+
+
+def test_the_plan_at_its_edges(llama_8b, monkeypatch, setup):
+    from transformers import LlamaConfig
+
+    model = _gpu_model(llama_8b)
+    monkeypatch.setattr(memory, "free_bytes", lambda: int(3.2 * memory.GIB))  # next to nothing beyond the reserve
+    assert memory.answer_plan(model, 500, 1536, 1792, "auto")[0] == 1  # one answer at a time, never zero
+    assert memory.generate_rows(model, 500, 1536, 1792, "auto") == 1 and memory.scoring_rows(model, 1600, "auto") == 1
+    assert memory.answer_plan(model, 1, 1536, 1792, 1)[0] == 1  # a number is taken as given on a GPU too
+    monkeypatch.setattr(memory, "free_bytes", lambda: 400 * memory.GIB)  # far more than needed
+    assert memory.answer_plan(model, 500, 100, 400, "auto")[0] == memory.MAX_ANSWERS
+    assert memory.generate_rows(model, 500, 100, 400, "auto") == memory.MAX_ANSWERS
+    assert memory.generate_rows(model, 7, 100, 400, "auto") == 7
+    # a config whose head_dim is not hidden_size / heads (as Qwen3's): the cache follows head_dim
+    wide = LlamaConfig(**{**llama_8b.to_dict(), "head_dim": 256})
+    assert memory.kv_bytes_per_token(wide, 2) == 2 * memory.kv_bytes_per_token(llama_8b, 2)
+    assert memory.forward_bytes_per_token(wide, 2) > memory.forward_bytes_per_token(llama_8b, 2)
+    # without a GPU a number is taken as given, never more than the prompts
+    cpu_model = setup[0]
+    assert memory.answer_plan(cpu_model, 50, 100, 400, 3)[0] == 3
+    assert memory.answer_plan(cpu_model, 1, 100, 400, "auto")[0] == 1
