@@ -21,6 +21,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from stages.memory import head_dim
+
 SUPPORTED_MODEL_TYPES = ("llama",)  # decoder layers whose attention goes through AttentionInterface
 ATTENTION = "slot_decode"
 CHECK_EVERY = 8  # decoding steps between looks at which answers ended (each look waits for the GPU)
@@ -36,6 +38,14 @@ def unsupported(model) -> str | None:
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{type(model).__name__} is not laid out as a Llama causal LM"
     return None
+
+
+def until_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """The tokens before the first stop token, and whether one came (else the cap cut the answer)."""
+    for k, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:k], True
+    return tokens, False
 
 
 def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -98,8 +108,7 @@ class SlotDecoder:
         self.model, self.slots, self.max_len, self.prefill_tokens = model, slots, max_len, prefill_tokens
         config, self.device = model.config, model.device
         dtype = model.get_input_embeddings().weight.dtype
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, config.num_key_value_heads, max_len, head_dim)
+        shape = (slots, config.num_key_value_heads, max_len, head_dim(config))
         started = time.perf_counter()
         layers = config.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(layers)]
@@ -242,9 +251,8 @@ class SlotDecoder:
             if not done[slot]:
                 stream(index, tokens)  # a growing answer
                 continue
-            ends = [k for k, token in enumerate(tokens) if token in stop_ids]
-            answers[index] = tokens[: ends[0]] if ends else tokens
-            stats.cut_off[index] = not ends
+            answers[index], stopped = until_stop(tokens, stop_ids)
+            stats.cut_off[index] = not stopped
             stats.new_tokens += len(answers[index])
             owner[slot] = None
             if stream:

@@ -130,7 +130,7 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
     encoded = [encode(tokenizer, prompt) for prompt in prompts]
     caps = caps or [eval_params.max_new_tokens] * len(prompts)
     stop_ids, longest = stop_token_ids(model, tokenizer), max((len(ids) for ids in encoded), default=1)
-    max_len = -(-(longest + max(caps, default=1) + CHECK_EVERY) // 256) * 256  # a few widths: graphs reused
+    max_len = -(-(longest + max(caps, default=1) + CHECK_EVERY) // 256) * 256  # rounded: splits of similar length plan alike
     refusal = fast_path_refusal(model, eval_params)
     temperature, top_p = eval_params.temperature, eval_params.top_p  # read always: dvc.yaml lists them
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
@@ -164,6 +164,8 @@ def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int]
     from tqdm.auto import tqdm
     from transformers import set_seed
 
+    from stages.decoding import until_stop
+
     set_seed(seed)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers, cut_off = [[] for _ in encoded], [False] * len(encoded)
@@ -179,10 +181,8 @@ def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int]
                 pad_token_id=tokenizer.pad_token_id, top_k=None, **sampling,
             )
             for i, generated in zip(batch, output[:, width:].tolist()):
-                generated = generated[:caps[i]]
-                ends = [k for k, token in enumerate(generated) if token in stop_ids]
-                answers[i] = generated[: ends[0]] if ends else generated
-                cut_off[i] = not ends  # ran into its cap before its end of turn
+                answers[i], stopped = until_stop(generated[:caps[i]], stop_ids)
+                cut_off[i] = not stopped  # ran into its cap before its end of turn
             bar.update(len(batch))
     return answers, cut_off
 

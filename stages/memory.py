@@ -25,9 +25,16 @@ def free_bytes() -> int:
     return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _dims(config) -> tuple[int, int, int]:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return head_dim, config.num_attention_heads, config.num_key_value_heads
+    return head_dim(config), config.num_attention_heads, config.num_key_value_heads
+
+
+def _itemsize(model) -> int:
+    return model.get_input_embeddings().weight.dtype.itemsize
 
 
 def kv_bytes_per_token(config, itemsize: int) -> int:
@@ -61,7 +68,7 @@ def scoring_rows(model, longest: int, requested) -> int:
         return requested
     if not _on_gpu(model):
         return CPU_BATCH
-    itemsize = model.get_input_embeddings().weight.dtype.itemsize
+    itemsize = _itemsize(model)
     budget = free_bytes() - RESERVE - logit_bytes(model.config)
     return max(1, min(64, budget // (longest * forward_bytes_per_token(model.config, itemsize))))
 
@@ -72,7 +79,7 @@ def answer_plan(model, prompts: int, longest: int, max_len: int, requested) -> t
     at most a quarter of the budget (never less than the longest prompt)."""
     if not _on_gpu(model):
         return max(1, min(CPU_BATCH if requested == "auto" else requested, prompts)), PREFILL_TOKENS
-    config, itemsize = model.config, model.get_input_embeddings().weight.dtype.itemsize
+    config, itemsize = model.config, _itemsize(model)
     per_token = kv_bytes_per_token(config, itemsize)
     per_prefill_token = 2 * per_token + forward_bytes_per_token(config, itemsize)
     budget = free_bytes() - RESERVE
@@ -90,7 +97,7 @@ def generate_rows(model, prompts: int, longest: int, max_len: int, requested) ->
     ~1.9k tokens for the 8B model, against 0.25 GiB a slot of the fast loop)."""
     if requested != "auto" or not _on_gpu(model):
         return answer_plan(model, prompts, longest, max_len, requested)[0]
-    config, itemsize = model.config, model.get_input_embeddings().weight.dtype.itemsize
+    config, itemsize = model.config, _itemsize(model)
     per_row = 3 * kv_bytes_per_token(config, itemsize) * max_len + \
         longest * forward_bytes_per_token(config, itemsize) + 12 * config.vocab_size  # last position's logits
     return max(1, min(MAX_ANSWERS, prompts, (free_bytes() - RESERVE) // per_row))
