@@ -7,8 +7,8 @@
 It builds a throw-away copy of the project in ./smoke (its own git and DVC repository, params
 overridden by SMOKE_PARAMS), builds a tiny Llama-shaped model there and tracks it with `dvc add`
 (so queued experiments, which run in a fresh copy of the commit, have it too), and runs
-`dvc repro`. With --grid it commits that result, queues `dvc exp run --queue -S
-'lora.r=range(8,17,8)'`, runs the queue with `dvc exp run --run-all` and prints the experiment
+`dvc repro`, then commits that result as the baseline experiments compare with. With --grid it
+queues `dvc exp run --queue -S 'lora.r=range(8,17,8)'`, runs the queue with `dvc exp run --run-all` and prints the experiment
 table. Your params.yaml, dvc.lock and outputs are never touched. The tests use the same workspace.
 """
 
@@ -116,10 +116,15 @@ def dvc(workspace: Path, *args: str) -> None:
                          f"(workspace kept in {workspace})")
 
 
-def run_grid(workspace: Path) -> None:
-    """Commit the result, then queue and run a grid of experiments, as the README shows."""
+def commit_baseline(workspace: Path) -> None:
+    """Commit the run's dvc.lock and metrics, as the README asks after a first real run, so
+    experiments (`dvc exp show`, `dvc metrics diff`) compare against it."""
     run(["git", "add", "-A"], workspace)
     run(["git", "commit", "-q", "-m", "smoke baseline run"], workspace)
+
+
+def run_grid(workspace: Path) -> None:
+    """Queue and run a grid of experiments on the committed baseline, as the README shows."""
     dvc(workspace, "exp", "run", "--queue", "-S", GRID)
     dvc(workspace, "exp", "run", "--run-all")
     subprocess.run([sys.executable, "-m", "tools.review", "--experiments"], cwd=workspace, env=dvc_environment())
@@ -138,6 +143,9 @@ def main() -> None:
     print(f"\nsmoke run done in {time.perf_counter() - started:.0f}s. Test metrics of the tiny model:")
     print(json.dumps(metrics["tuned"]["test"], indent=2, ensure_ascii=False))
     print(f"Report: {workspace}/metrics/report.md, plots: {workspace}/metrics/plots/")
+    commit_baseline(workspace)
+    print(f"Committed as the baseline; try an experiment: cd {workspace} && dvc exp run -S lora.r=8 && "
+          "python -m tools.review --experiments")
     if args.grid:
         run_grid(workspace)
 
