@@ -48,7 +48,8 @@ class LogLine(TrainerCallback):
             return
         rate = ""
         if self._last is not None and now > self._last[0]:
-            rate = f"  {(tokens - self._last[1]) / (now - self._last[0]):,.0f} tokens/s"
+            seconds, seen = now - self._last[0], tokens - self._last[1]
+            rate = f"  {seen / seconds:,.0f} tokens/s ({seen:,} tokens in {seconds:.3f} s)"
         self._last = (now, tokens)
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f%s", state.global_step, state.max_steps,
