@@ -8,13 +8,22 @@ random model, synthetic rows and helpers it reuses. Every variant is `python -m 
 train.num_processes set, so the stage's own accelerate relaunch is what is timed, while nvidia-smi
 samples every GPU's memory. The parts run in this order, the results file rewritten after each:
 
-1. unsloth, N processes, 12/N rows per device (effective batch 12)
-   with UNSLOTH_TOKEN_BALANCE=1 (rows dealt by tokens), and the same as dealt (-unbalanced, =0)
-2. unsloth, 1 process, 12 rows (the shipped default)
-3. `python -m stages.merge` on the adapter of 1, compared with the adapter of 2: the same files,
+0. host <-> GPU copy bandwidth of each GPU alone and of all at once (unsloth's offloaded
+   gradient checkpointing copies every layer's input to host memory and back each step)
+1. unsloth, 1 process, 12 rows (the shipped default)
+2. unsloth, N processes, 12/N rows per device (effective batch 12), rows dealt as they come (as
+   shipped); -balanced: UNSLOTH_TOKEN_BALANCE=1 (rows dealt by tokens); -prefetch: balanced and
+   UNSLOTH_GC_PREFETCH=1 (the next offloaded layer input reloaded during this layer's backward)
+3. unsloth, 1 process, 12/N rows: one GPU doing what each GPU of 2 does, without DDP
+4. `python -m stages.merge` on the adapter of 2, compared with the adapter of 1: the same files,
    keys, shapes and config, close weights and per-step losses, and one merged weight checked
-4. transformers + PEFT, N processes, 12/N rows per device
-5. unsloth, N processes, 12 rows per device (the shipped per-device default: effective batch 12N)
+5. transformers + PEFT, N processes, 12/N rows per device
+6. unsloth, N processes, 12 rows per device (the shipped per-device default: effective batch 12N),
+   against unsloth on 1 process with 12 rows x N accumulation (the same effective batch)
+
+Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
+the first two ("steady") it records the median step's tokens/s and a least-squares fit of step
+seconds = fixed + per-token x tokens, which separates per-step overhead from work that scales.
 """
 
 from __future__ import annotations
@@ -24,9 +33,14 @@ import json
 import logging
 import os
 import shutil
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.bench import environment, matmul_peak, model_info, read_metrics, synthetic_records, timed
@@ -35,13 +49,93 @@ from benchmarks.run_stages import prepare_workspace, run_stages
 log = logging.getLogger("benchmarks.bench_parallel")
 
 EFFECTIVE_BATCH = 12  # the recipe's rows per optimizer step
-TOKEN_BALANCE = "UNSLOTH_TOKEN_BALANCE"
+BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows dealt in equal token counts
+PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
+UNSLOTH_KNOBS = ("UNSLOTH_TOKEN_BALANCE", "UNSLOTH_GC_PREFETCH")
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
+STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
 
 
-def variant_params(common: dict, backend: str, processes: int, per_device: int, steps: int) -> dict:
+def variant_params(common: dict, backend: str, processes: int, per_device: int, steps: int,
+                   accumulation: int = 1) -> dict:
     return {**common, "model.backend": backend, "train.num_processes": processes, "train.max_steps": steps,
-            "train.per_device_train_batch_size": per_device, "train.gradient_accumulation_steps": 1}
+            "train.per_device_train_batch_size": per_device, "train.gradient_accumulation_steps": accumulation}
+
+
+@contextmanager
+def environment_for(overrides: dict):
+    """unsloth's knobs as this variant sets them (unset unless named), restored afterwards."""
+    saved = {key: os.environ.pop(key, None) for key in UNSLOTH_KNOBS}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def copy_bandwidth(size_mib: int = 512, repeats: int = 5) -> dict:
+    """GB/s of pinned host <-> GPU copies, each GPU alone and all GPUs at once (threads)."""
+    import torch
+
+    def one(device: int, out: dict) -> None:
+        host = torch.empty(size_mib * 2**20, dtype=torch.uint8, pin_memory=True)
+        gpu = torch.empty_like(host, device=f"cuda:{device}")
+        for name, (dst, src) in {"to_gpu": (gpu, host), "to_host": (host, gpu)}.items():
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            out[name] = round(size_mib * 2**20 * repeats / (time.perf_counter() - started) / 1e9, 1)
+
+    devices = range(torch.cuda.device_count())
+    result = {}
+    for device in devices:
+        result[f"gpu{device}_alone"] = {}
+        one(device, result[f"gpu{device}_alone"])
+    together = {f"gpu{device}_together": {} for device in devices}
+    threads = [threading.Thread(target=one, args=(d, together[f"gpu{d}_together"])) for d in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.empty_cache()
+    return {**result, **together}
+
+
+def topology() -> dict:
+    result = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True)
+    return {"nvidia_smi_topo": result.stdout.strip().splitlines()}
+
+
+def step_times(log_file: Path) -> dict:
+    """Per optimizer step, from rank 0's log lines (stages.callbacks.LogLine): seconds and tokens."""
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    return {"steps": [{"step": int(m.group(1)), "seconds": float(m.group(3)), "tokens": int(m.group(2).replace(",", ""))}
+                      for m in STEP_LINE.finditer(text)]}
+
+
+def step_fit(steps: list[dict], skip: int = 2) -> dict:
+    """Median tokens/s and seconds = fixed + per_token * tokens, over the steps after the first `skip`."""
+    kept = [s for s in steps if s["step"] > skip and s["seconds"] > 0]
+    if len(kept) < 3:
+        return {}
+    x, y = [s["tokens"] for s in kept], [s["seconds"] for s in kept]
+    mean_x, mean_y = statistics.fmean(x), statistics.fmean(y)
+    spread = sum((v - mean_x) ** 2 for v in x)
+    slope = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y)) / spread if spread else 0.0
+    rates = sorted(n / t for n, t in zip(x, y))
+    return {
+        "median_step_tokens_per_s": round(statistics.median(rates)),
+        "step_tokens_per_s_p10_p90": [round(rates[len(rates) // 10]), round(rates[(9 * len(rates)) // 10])],
+        "fixed_s_per_step": round(mean_y - slope * mean_x, 4),
+        "ms_per_1k_tokens": round(slope * 1000 * 1000, 2),
+        "fitted_steps": len(kept),
+    }
 
 
 def gpu_memory_sampler(log_file: Path) -> subprocess.Popen:
@@ -64,14 +158,29 @@ def losses(workspace: Path) -> list[float]:
     return [float(row.split("\t")[-1]) for row in rows]
 
 
-def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_token: int, peak_tflops: float) -> dict:
-    """One training run of the stage in a copy of the prepared template workspace."""
+def probe_results(workspace: Path) -> dict:
+    """benchmarks/probe_train.py's files: each rank's profile, and the steps that compiled something."""
+    ranks = {}
+    for path in sorted(workspace.glob("probe-rank*.json")):
+        probe = json.loads(path.read_text(encoding="utf-8"))
+        ranks[f"rank{probe['rank']}"] = {
+            "profile": probe["profile"],
+            "step_seconds": [s["seconds"] for s in probe["steps"]],
+            "compiling_steps": [s for s in probe["steps"] if s["new_graphs"] or s["triton_compiles"]],
+        }
+    return ranks
+
+
+def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_token: int, peak_tflops: float,
+                  probe: bool = False) -> dict:
+    """One training run of the stage in a copy of the prepared template workspace (profiled: probe)."""
     shutil.rmtree(workspace, ignore_errors=True)
     shutil.copytree(template, workspace)
     prepare_workspace(workspace, overrides)
     sampler = gpu_memory_sampler(workspace / "gpu-memory.csv")
+    log_file = workspace / "train.log"
     try:
-        seconds = run_stages(workspace, ["train"])
+        seconds = run_stages(workspace, ["benchmarks.probe_train" if probe else "train"], log_file)
     finally:
         sampler.terminate()
         sampler.wait()
@@ -80,13 +189,18 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     gpus = metrics["num_processes"]
     keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
             "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
+    per_step = step_times(log_file)
     return {
         **{key: metrics[key] for key in keys},
+        "unsloth_env": {key: os.environ[key] for key in UNSLOTH_KNOBS if key in os.environ},
+        **step_fit(per_step["steps"]),
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),
         "mfu_per_gpu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12 * gpus), 4),
         "nvidia_smi_peak_mib": peak_memory_mib(workspace / "gpu-memory.csv"),
         "losses": losses(workspace),
-        "stage_seconds": seconds["train"],
+        "stage_seconds": next(iter(seconds.values())),
+        **({"probe": probe_results(workspace)} if probe else {}),
+        **per_step,
     }
 
 
@@ -144,12 +258,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="GPUs of the several-process variants")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps of each unsloth run")
     parser.add_argument("--transformers-steps", type=int, default=20, help="steps of the (slower) transformers run")
-    parser.add_argument("--last-steps", type=int, default=20, help="steps of part 5 (twice the rows per step)")
+    parser.add_argument("--last-steps", type=int, default=20, help="steps of part 6 (N times the rows per step)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b"))
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rows", type=int, default=500)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-parallel")
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--probe", action="store_true",
+                        help="train through benchmarks/probe_train.py: profiled steps (its speeds are not for claims)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the chosen parts this many times, in turn")
     parser.add_argument("--only", nargs="*", metavar="PART",
                         help="run only these parts (names as in the results, e.g. unsloth-1proc merge)")
     args = parser.parse_args()
@@ -185,44 +302,62 @@ def main() -> None:
     results["prepare_seconds"] = run_stages(template, ["prepare"])["prepare"]
     write_json(args.out, results)
 
-    def variant(backend: str, processes: int, per_device: int, steps: int) -> dict:
-        return variant_params(common, backend, processes, per_device, steps)
+    def variant(backend: str, processes: int, per_device: int, steps: int, accumulation: int = 1) -> dict:
+        return variant_params(common, backend, processes, per_device, steps, accumulation)
 
     flops, peak = results["model"]["flops_per_token"], results["matmul"]["tflops"]
     results["train"] = {}
-    plan = [(f"unsloth-{n}proc", variant("unsloth", n, EFFECTIVE_BATCH // n, args.steps)),
-            # the same, rows dealt to processes as they come instead of by tokens (launch.balance_tokens)
-            (f"unsloth-{n}proc-unbalanced", variant("unsloth", n, EFFECTIVE_BATCH // n, args.steps)),
-            ("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps)),
-            ("merge", None),
-            (f"transformers-{n}proc", variant("transformers", n, EFFECTIVE_BATCH // n, args.transformers_steps)),
-            (f"unsloth-{n}proc-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps))]
-    for name, overrides in plan:
-        if args.only is not None and name not in args.only:
-            continue
-        if overrides is None:
-            if not args.skip_merge and all("error" not in results["train"].get(k, {"error": 1})
-                                           for k in (f"unsloth-{n}proc", "unsloth-1proc")):
-                results["adapter_check"] = timed(adapter_check, work / f"unsloth-{n}proc", work / "unsloth-1proc",
-                                                 model_dir, fatal=False)
-        else:
-            log.info("training %s", name)
-            # unsloth's opt-in: each step's rows dealt to the processes in equal token counts
-            os.environ[TOKEN_BALANCE] = "0" if name.endswith("-unbalanced") else "1"
-            results["train"][name] = timed(train_variant, work / name, template, overrides, flops, peak, fatal=False)
-        speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
-        if speeds.get(f"unsloth-{n}proc") and speeds.get("unsloth-1proc"):
-            one, many = speeds["unsloth-1proc"], speeds[f"unsloth-{n}proc"]
-            results["speedup_unsloth"] = round(many / one, 3)
-            losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", f"unsloth-{n}proc"))
-            results["max_step_loss_difference"] = round(max(abs(x - y) for x, y in zip(losses_one, losses_many)), 5)
-        write_json(args.out, results)
+    half, many = EFFECTIVE_BATCH // n, f"unsloth-{n}proc"
+    plan = [("copy_bandwidth", None, {}),
+            ("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), {}),
+            (many, variant("unsloth", n, half, args.steps), {}),
+            (f"{many}-balanced", variant("unsloth", n, half, args.steps), BALANCED),
+            (f"{many}-prefetch", variant("unsloth", n, half, args.steps), {**BALANCED, **PREFETCH}),
+            ("unsloth-1proc-prefetch", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), PREFETCH),
+            (f"unsloth-1proc-{half}rows", variant("unsloth", 1, half, args.steps), {}),
+            ("merge", None, {}),
+            (f"transformers-{n}proc", variant("transformers", n, half, args.transformers_steps), {}),
+            (f"{many}-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps), {}),
+            (f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), {})]
+    for round_ in range(args.repeat):
+        for name, overrides, env in plan:
+            if args.only is not None and name not in args.only:
+                continue
+            key = name if round_ == 0 else f"{name}#{round_ + 1}"
+            if name == "copy_bandwidth":
+                if round_ == 0:
+                    results["copy_bandwidth"] = {**topology(), **timed(copy_bandwidth, fatal=False)}
+            elif overrides is None:
+                if round_ == 0 and not args.skip_merge and all(
+                        "error" not in results["train"].get(k, {"error": 1}) for k in (many, "unsloth-1proc")):
+                    results["adapter_check"] = timed(adapter_check, work / many, work / "unsloth-1proc", model_dir,
+                                                     fatal=False)
+            else:
+                log.info("training %s", key)
+                with environment_for(env):
+                    results["train"][key] = timed(train_variant, work / key, template, overrides, flops, peak,
+                                                  args.probe, fatal=False)
+            speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
+            # several processes against one: the same effective batch, then the shipped rows per device
+            pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
+                     (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
+                     (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
+            results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
+                                   if speeds.get(a) and speeds.get(b)}
+            if speeds.get(many) and speeds.get("unsloth-1proc"):
+                results["speedup_unsloth"] = round(speeds[many] / speeds["unsloth-1proc"], 3)
+                losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))
+                results["max_step_loss_difference"] = round(max(abs(x - y) for x, y in zip(losses_one, losses_many)),
+                                                            5)
+            write_json(args.out, results)
     log.info("wrote %s", args.out)
     for name, run in results["train"].items():
-        print(name, run.get("error") or f"{run['steady_tokens_per_s']:,.0f} tokens/s steady, {run['step_s']} s/step, "
+        print(name, run.get("error") or f"{run['steady_tokens_per_s']:,.0f} tokens/s steady, median step "
+              f"{run.get('median_step_tokens_per_s', 0):,} tokens/s, fixed {run.get('fixed_s_per_step')} s + "
+              f"{run.get('ms_per_1k_tokens')} ms/1k tokens, {run['step_s']} s/step, "
               f"MFU/GPU {run['mfu_per_gpu']:.1%}, rank-0 peak {run['peak_gpu_memory_gib']} GiB, "
               f"nvidia-smi {run['nvidia_smi_peak_mib']} MiB, backend {run['backend']} x {run['num_processes']}")
-    print({k: results.get(k) for k in ("speedup_unsloth", "max_step_loss_difference", "adapter_check")})
+    print({k: results.get(k) for k in ("speedups", "max_step_loss_difference", "adapter_check")})
 
 
 if __name__ == "__main__":

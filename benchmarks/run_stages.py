@@ -39,16 +39,22 @@ def prepare_workspace(workspace: Path, overrides: dict) -> None:
                                            encoding="utf-8")
 
 
-def run_stages(workspace: Path, stages: list[str]) -> dict[str, float]:
+def run_stages(workspace: Path, stages: list[str], log_file: Path | None = None) -> dict[str, float]:
+    """Each stage's wall seconds; with log_file its output (every process's) goes there, not to the terminal."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     seconds = {}
     for stage in stages:
         started = time.perf_counter()
         print(f"== {stage}", flush=True)
-        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workspace, env=env)
+        with open(log_file, "ab") if log_file else open(os.devnull, "rb") as sink:
+            out = {"stdout": sink, "stderr": subprocess.STDOUT} if log_file else {}
+            module = stage if "." in stage else f"stages.{stage}"  # a stage, or a module that wraps one
+            result = subprocess.run([sys.executable, "-m", module], cwd=workspace, env=env, **out)
         seconds[stage] = round(time.perf_counter() - started, 1)
         print(f"== {stage}: exit {result.returncode} after {seconds[stage]}s", flush=True)
         if result.returncode != 0:
+            if log_file:
+                print("\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]))
             raise SystemExit(f"stage {stage} failed")
     return seconds
 

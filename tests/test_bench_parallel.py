@@ -1,0 +1,50 @@
+"""The several-GPU benchmark's own arithmetic, on the CPU: what it reads from the train stage's log
+and how it splits step time. Its GPU numbers (benchmarks/README.md) are only as right as these."""
+
+import logging
+
+import pytest
+from transformers import TrainerState
+
+from benchmarks.bench_parallel import step_fit, step_times
+from benchmarks.probe_train import busy_seconds, kind_of
+from stages import callbacks
+
+
+def test_the_benchmark_reads_each_steps_tokens_and_seconds_from_the_stage_log(tmp_path, caplog, monkeypatch):
+    clock = iter([100.0, 101.25, 101.75])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    line, state = callbacks.LogLine(), TrainerState(max_steps=3, is_world_process_zero=True)
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        for step, seen in ((1, 12_000), (2, 24_500), (3, 30_750)):
+            state.global_step, state.num_input_tokens_seen = step, seen
+            line.on_log(None, state, None, logs={"loss": 2.0, "learning_rate": 1e-4, "grad_norm": 0.5})
+    log_file = tmp_path / "train.log"
+    log_file.write_text("\n".join(record.getMessage() for record in caplog.records) + "\n", encoding="utf-8")
+    # step 1 has no rate (nothing before it); then 12,500 tokens in 1.25 s and 6,250 in 0.5 s
+    assert step_times(log_file)["steps"] == [{"step": 2, "seconds": 1.25, "tokens": 12_500},
+                                             {"step": 3, "seconds": 0.5, "tokens": 6_250}]
+    assert "10,000 tokens/s (12,500 tokens in 1.250 s)" in caplog.records[1].getMessage()
+
+
+def test_step_fit_separates_fixed_time_from_time_per_token_and_skips_the_first_steps():
+    tokens = [9000, 7000, 12_000, 6000, 14_000, 10_000, 8000, 11_000]
+    steps = [{"step": i + 1, "tokens": n, "seconds": 0.09 + n * 0.0001} for i, n in enumerate(tokens)]
+    steps[0]["seconds"] = steps[1]["seconds"] = 30.0  # compiling: left out of the fit
+    fit = step_fit(steps)
+    assert fit["fitted_steps"] == 6
+    assert fit["fixed_s_per_step"] == pytest.approx(0.09, abs=1e-4)
+    assert fit["ms_per_1k_tokens"] == pytest.approx(100.0, abs=0.01)
+    rates = sorted(n / (0.09 + n * 0.0001) for n in tokens[2:])
+    assert fit["median_step_tokens_per_s"] == round((rates[2] + rates[3]) / 2)
+    assert step_fit(steps[:4]) == {}  # too few steps to fit
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    # microseconds: two streams overlapping, a gap, a kernel inside another
+    assert busy_seconds([(0, 400_000), (300_000, 500_000), (700_000, 900_000), (750_000, 800_000)]) == 0.7
+    assert busy_seconds([]) == 0.0
+    assert [kind_of(name) for name in ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "Memcpy DtoH (Device -> Pinned)",
+                                       "nvjet_sm90_tst_256x160_64x4_1x2_h_bz_coopA_TNT", "flash_fwd_kernel",
+                                       "triton_red_fused_rms_norm_0")] == [
+        "nccl", "copy", "matmul", "attention", "other"]
