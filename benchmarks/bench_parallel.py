@@ -1,7 +1,8 @@
 """Several GPUs: unsloth on one process vs N, and transformers on N, with the same data and effective batch.
 
     python -m benchmarks.bench_parallel --out RESULTS.json [--processes 2] [--steps 40] \
-        [--transformers-steps 20] [--last-steps 20] [--model-dir /tmp/llama8b] [--skip-merge]
+        [--transformers-steps 20] [--last-steps 20] [--model-dir /tmp/llama8b] [--skip-merge] \
+        [--only PART ...] [--repeat K] [--probe]
 
 Run from the repository root on a host with N CUDA GPUs, like benchmarks/bench.py, whose 8B-shaped
 random model, synthetic rows and helpers it reuses. Every variant is `python -m stages.train` with
@@ -11,15 +12,19 @@ samples every GPU's memory. The parts run in this order, the results file rewrit
 0. host <-> GPU copy bandwidth of each GPU alone and of all at once (unsloth's offloaded
    gradient checkpointing copies every layer's input to host memory and back each step)
 1. unsloth, 1 process, 12 rows (the shipped default)
-2. unsloth, N processes, 12/N rows per device (effective batch 12), rows dealt as they come (as
-   shipped); -balanced: UNSLOTH_TOKEN_BALANCE=1 (rows dealt by tokens); -prefetch: balanced and
-   UNSLOTH_GC_PREFETCH=1 (the next offloaded layer input reloaded during this layer's backward)
-3. unsloth, 1 process, 12/N rows: one GPU doing what each GPU of 2 does, without DDP
+2. unsloth, N processes, 12/N rows per device (effective batch 12), rows dealt as they come (as shipped)
+3. unsloth, 1 process, 12/N rows: one GPU doing what each GPU of N does, without DDP
 4. `python -m stages.merge` on the adapter of 2, compared with the adapter of 1: the same files,
    keys, shapes and config, close weights and per-step losses, and one merged weight checked
 5. transformers + PEFT, N processes, 12/N rows per device
 6. unsloth, N processes, 12 rows per device (the shipped per-device default: effective batch 12N),
    against unsloth on 1 process with 12 rows x N accumulation (the same effective batch)
+
+Trials, run only when --only names them, each a variant of 1 or 2: -balanced
+(UNSLOTH_TOKEN_BALANCE=1: rows dealt by tokens), -prefetch (UNSLOTH_GC_PREFETCH=1: the next
+offloaded activation reloaded during this layer's backward; on 2 with balancing), -bf16-allreduce
+(UNSLOTH_DDP_COMM_HOOK=bf16), -log10 (train.logging_steps=10: the Trainer waits for the GPU at every
+logging step; per-step figures then cover 10 steps each).
 
 Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
 the first two ("steady") it records the median step's tokens/s and a least-squares fit of step
@@ -51,7 +56,8 @@ log = logging.getLogger("benchmarks.bench_parallel")
 EFFECTIVE_BATCH = 12  # the recipe's rows per optimizer step
 BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows dealt in equal token counts
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
-UNSLOTH_KNOBS = ("UNSLOTH_TOKEN_BALANCE", "UNSLOTH_GC_PREFETCH")
+BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
+UNSLOTH_KNOBS = ("UNSLOTH_TOKEN_BALANCE", "UNSLOTH_GC_PREFETCH", "UNSLOTH_DDP_COMM_HOOK")
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
 
@@ -156,6 +162,12 @@ def peak_memory_mib(log_file: Path) -> dict[str, int]:
 def losses(workspace: Path) -> list[float]:
     rows = (workspace / LOSS_FILE).read_text(encoding="utf-8").splitlines()[1:]  # step, timestamp?, loss
     return [float(row.split("\t")[-1]) for row in rows]
+
+
+def parts_to_run(plan: list[tuple], only: list[str] | None) -> list[tuple]:
+    """(name, params, env) of the parts to run, in plan order: those named, else every part but the trials."""
+    return [(name, params, env) for name, params, env, trial in plan
+            if (name in only if only is not None else not trial)]
 
 
 def probe_results(workspace: Path) -> dict:
@@ -308,21 +320,25 @@ def main() -> None:
     flops, peak = results["model"]["flops_per_token"], results["matmul"]["tflops"]
     results["train"] = {}
     half, many = EFFECTIVE_BATCH // n, f"unsloth-{n}proc"
-    plan = [("copy_bandwidth", None, {}),
-            ("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), {}),
-            (many, variant("unsloth", n, half, args.steps), {}),
-            (f"{many}-balanced", variant("unsloth", n, half, args.steps), BALANCED),
-            (f"{many}-prefetch", variant("unsloth", n, half, args.steps), {**BALANCED, **PREFETCH}),
-            ("unsloth-1proc-prefetch", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), PREFETCH),
-            (f"unsloth-1proc-{half}rows", variant("unsloth", 1, half, args.steps), {}),
-            ("merge", None, {}),
-            (f"transformers-{n}proc", variant("transformers", n, half, args.transformers_steps), {}),
-            (f"{many}-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps), {}),
-            (f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), {})]
+    every_10 = {"train.logging_steps": 10}  # the Trainer syncs host and GPU (.item()) at each logging step
+    # (name, params, unsloth env, trial): a trial runs only when --only names it
+    plan = [("copy_bandwidth", None, {}, False),
+            ("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), {}, False),
+            (many, variant("unsloth", n, half, args.steps), {}, False),
+            (f"unsloth-1proc-{half}rows", variant("unsloth", 1, half, args.steps), {}, False),
+            ("merge", None, {}, False),
+            (f"transformers-{n}proc", variant("transformers", n, half, args.transformers_steps), {}, False),
+            (f"{many}-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps), {}, False),
+            (f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), {},
+             False),
+            (f"{many}-balanced", variant("unsloth", n, half, args.steps), BALANCED, True),
+            (f"{many}-prefetch", variant("unsloth", n, half, args.steps), {**BALANCED, **PREFETCH}, True),
+            ("unsloth-1proc-prefetch", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), PREFETCH, True),
+            (f"{many}-bf16-allreduce", variant("unsloth", n, half, args.steps), BF16_ALLREDUCE, True),
+            ("unsloth-1proc-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10}, {}, True),
+            (f"{many}-log10", {**variant("unsloth", n, half, args.steps), **every_10}, {}, True)]
     for round_ in range(args.repeat):
-        for name, overrides, env in plan:
-            if args.only is not None and name not in args.only:
-                continue
+        for name, overrides, env in parts_to_run(plan, args.only):
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
             if name == "copy_bandwidth":
                 if round_ == 0:
@@ -340,6 +356,7 @@ def main() -> None:
             speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
             # several processes against one: the same effective batch, then the shipped rows per device
             pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
+                     (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
             results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs

@@ -6,7 +6,7 @@ import logging
 import pytest
 from transformers import TrainerState
 
-from benchmarks.bench_parallel import step_fit, step_times
+from benchmarks.bench_parallel import parts_to_run, step_fit, step_times
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks
 
@@ -48,3 +48,10 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
                                        "nvjet_sm90_tst_256x160_64x4_1x2_h_bz_coopA_TNT", "flash_fwd_kernel",
                                        "triton_red_fused_rms_norm_0")] == [
         "nccl", "copy", "matmul", "attention", "other"]
+
+
+def test_trials_run_only_when_named_and_parts_keep_the_plan_order():
+    plan = [("one", {"a": 1}, {}, False), ("two", {"a": 2}, {}, False), ("two-trial", {"a": 2}, {"X": "1"}, True)]
+    assert [name for name, _, _ in parts_to_run(plan, None)] == ["one", "two"]
+    assert parts_to_run(plan, ["two-trial", "one"]) == [("one", {"a": 1}, {}), ("two-trial", {"a": 2}, {"X": "1"})]
+    assert parts_to_run(plan, []) == []
