@@ -131,27 +131,46 @@ def mean_train_loss(log_history: list[dict]) -> float:
 class Throughput(TrainerCallback):
     """Non-padding tokens per second of this session (a resumed run counts only its own part).
 
-    `steady_tokens_per_s` leaves out the first WARMUP_STEPS optimizer steps, where kernels are
-    compiled and caches warmed, so runs of different lengths compare.
+    `tokens_per_s` is the whole session's. `steady_tokens_per_s` is training speed: it leaves out
+    the first WARMUP_STEPS optimizer steps, where kernels are compiled and caches warmed, and the
+    time spent validating and saving checkpoints (the Trainer does both after a step ends, the last
+    save after the last step), so runs of different lengths, eval_steps and save_steps compare.
     """
 
     WARMUP_STEPS = 2
 
     def __init__(self):
-        self.marks = []  # (seconds, tokens seen) at train begin and after every optimizer step
+        self.marks = []  # (seconds, tokens seen, seconds paused so far): at train begin, after every step, at end
+        self.paused, self._since = 0.0, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]
+        self.paused, self._since = 0.0, None
+        self.marks = [(time.perf_counter(), state.num_input_tokens_seen, 0.0)]
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        self._since = time.perf_counter()
+        self.marks.append((self._since, state.num_input_tokens_seen, self.paused))
+
+    def _pause(self) -> None:
+        """Validation or a checkpoint save has just ended: its time since the step (or the last pause) ended."""
+        now = time.perf_counter()
+        if self._since is not None:
+            self.paused += now - self._since
+        self._since = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pause()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._pause()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen, self.paused))
+        self._since = None  # an evaluation after training is not part of it
 
     @staticmethod
-    def _rate(first, last) -> float:
-        seconds = last[0] - first[0]
+    def _rate(first, last, paused: bool) -> float:
+        seconds = last[0] - first[0] - ((last[2] - first[2]) if paused else 0.0)
         return round((last[1] - first[1]) / seconds, 1) if seconds > 0 else 0.0
 
     def summary(self) -> dict[str, float]:
@@ -160,6 +179,6 @@ class Throughput(TrainerCallback):
         steady_from = self.marks[min(self.WARMUP_STEPS, len(self.marks) - 2)]
         return {
             "runtime_s": round(self.marks[-1][0] - self.marks[0][0], 1),
-            "tokens_per_s": self._rate(self.marks[0], self.marks[-1]),
-            "steady_tokens_per_s": self._rate(steady_from, self.marks[-1]),
+            "tokens_per_s": self._rate(self.marks[0], self.marks[-1], paused=False),
+            "steady_tokens_per_s": self._rate(steady_from, self.marks[-1], paused=True),
         }

@@ -55,3 +55,4 @@ def test_trials_run_only_when_named_and_parts_keep_the_plan_order():
     assert [name for name, _, _ in parts_to_run(plan, None)] == ["one", "two"]
     assert parts_to_run(plan, ["two-trial", "one"]) == [("one", {"a": 1}, {}), ("two-trial", {"a": 2}, {"X": "1"})]
     assert parts_to_run(plan, []) == []
+

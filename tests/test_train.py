@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
+from transformers import TrainerState
 
 from conftest import write_params
-from stages import modeling, paths, prepare, train
+from stages import callbacks, modeling, paths, prepare, train
 from stages.errors import UserError
 from stages.params import load_params
 from stages.prompt import IGNORE_INDEX, build_messages, encode
@@ -157,3 +158,28 @@ def test_all_masked_data_stops_with_a_clear_message(workspace, capsys):
         train.main()
     assert "every answer token of data/prepared/train.jsonl is masked" in capsys.readouterr().err
     assert not paths.ADAPTER_DIR.exists()
+
+
+def test_steady_speed_leaves_out_warmup_validation_and_checkpoint_saves(monkeypatch):
+    """The Trainer validates and saves after a step ends (the last save after the last step):
+    that time counts in tokens_per_s, the whole session's, but not in steady_tokens_per_s."""
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+    meter, state = callbacks.Throughput(), TrainerState(max_steps=6)
+    meter.on_train_begin(None, state, None)
+    for step in range(1, 7):
+        now[0] += 10.0 if step == 1 else 1.0  # step 1 compiles
+        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + 1000
+        meter.on_step_end(None, state, None)
+        if step in (3, 6):
+            now[0] += 4.0  # validation
+            meter.on_evaluate(None, state, None)
+            now[0] += 2.0  # checkpoint save
+            meter.on_save(None, state, None)
+    meter.on_train_end(None, state, None)
+    now[0] += 30.0
+    meter.on_evaluate(None, state, None)  # the stage's own evaluation after training: not in the run
+    summary = meter.summary()
+    assert summary["runtime_s"] == 27.0  # 10 + 5 x 1 + 2 x (4 + 2)
+    assert summary["tokens_per_s"] == round(6000 / 27.0, 1)
+    assert summary["steady_tokens_per_s"] == 1000.0  # steps 3-6: 4,000 tokens in 4 s of training
