@@ -57,7 +57,7 @@ EFFECTIVE_BATCH = 12  # the recipe's rows per optimizer step
 BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows dealt in equal token counts
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
-UNSLOTH_KNOBS = ("UNSLOTH_TOKEN_BALANCE", "UNSLOTH_GC_PREFETCH", "UNSLOTH_DDP_COMM_HOOK")
+UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE})  # unset unless a variant sets them
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
 
@@ -362,7 +362,6 @@ def main() -> None:
             results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
                                    if speeds.get(a) and speeds.get(b)}
             if speeds.get(many) and speeds.get("unsloth-1proc"):
-                results["speedup_unsloth"] = round(speeds[many] / speeds["unsloth-1proc"], 3)
                 losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))
                 results["max_step_loss_difference"] = round(max(abs(x - y) for x, y in zip(losses_one, losses_many)),
                                                             5)
