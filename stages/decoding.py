@@ -95,7 +95,6 @@ class DecodeStats:
     seconds: float = 0.0
     warmup_s: float = 0.0  # buffers and CUDA graph capture
     first_token_s: float | None = None  # from the start of run() to the first answer token
-    steps: int = 0
     cut_off: list[bool] = field(default_factory=list)
 
 
@@ -221,7 +220,6 @@ class SlotDecoder:
                         self.history[0, 0].item()  # waits for the first prefill
                         stats.first_token_s = time.perf_counter() - started
                 self._advance(CHECK_EVERY)
-                stats.steps += CHECK_EVERY
                 self._collect(owner, caps, stop_ids, answers, stats, stream)
         stats.seconds = time.perf_counter() - started
         return answers, stats
@@ -243,11 +241,14 @@ class SlotDecoder:
 
         written = self.columns[None, :] < self.generated[:, None]
         stopped = (torch.isin(self.history, self._stops) & written).any(dim=1)
-        done = (stopped | (self.generated >= self._limits)).tolist()  # the one wait for the GPU per look
-        for slot, index in enumerate(owner):
-            if index is None or not (done[slot] or stream):
-                continue
-            tokens = self.history[slot, : min(int(self.generated[slot]), caps[index])].tolist()
+        finished = stopped | (self.generated >= self._limits)
+        # one wait for the GPU per look, then one copy of the rows to take out (if any)
+        done, generated = torch.stack([finished.to(self.generated.dtype), self.generated]).tolist()
+        taken = [slot for slot, index in enumerate(owner) if index is not None and (done[slot] or stream)]
+        rows = dict(zip(taken, self.history[taken].tolist())) if taken else {}
+        for slot, row in rows.items():
+            index = owner[slot]
+            tokens = row[: min(generated[slot], caps[index])]
             if not done[slot]:
                 stream(index, tokens)  # a growing answer
                 continue
