@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.decision import both_decided
 from stages.rouge import ROUGE_TYPES
 
 CHUNK = 1000  # resamples drawn at a time: bounds memory at CHUNK x n indices
@@ -51,7 +52,7 @@ def paired_deltas(records: list[dict], samples: int, seed: int) -> dict[str, dic
                           base_weights=[r["base_answer_tokens"] for r in records])}
     for name in ROUGE_TYPES:
         deltas[name] = run([r[name] for r in records], [r[f"base_{name}"] for r in records])
-    decided = [r for r in records if r["decision"] is not None and r["base_decision"] is not None]
+    decided = both_decided(records)
     if decided:
         deltas["accuracy"] = run([float(r["decision"] == r["reference_decision"]) for r in decided],
                                  [float(r["base_decision"] == r["reference_decision"]) for r in decided])

@@ -100,3 +100,9 @@ def decision_summary(predictions: list[dict], options: dict[str, str]) -> tuple[
     metrics = decision_metrics(pairs, list(options))
     quality = {"accuracy": metrics.pop("accuracy"), "macro_f1": metrics.pop("macro_f1")}
     return quality, {**info, **metrics}
+
+
+def both_decided(records: list[dict]) -> list[dict]:
+    """Side-by-side records (report.side_by_side) where both models scored a decision: the rows the
+    paired accuracy, its interval, the decision plot and the report's examples compare."""
+    return [r for r in records if r["decision"] is not None and r["base_decision"] is not None]

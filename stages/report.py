@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.decision import decision_metrics
+from stages.decision import both_decided, decision_metrics
 from stages.rouge import ROUGE_TYPES
 
 # Fields of a prediction record that belong to the model that answered (the rest is the question).
@@ -50,7 +50,7 @@ def side_by_side(predictions: list[dict], base_predictions: list[dict]) -> list[
 def decision_plot(records: list[dict]) -> list[dict]:
     """Rows for DVC's confusion template: reference vs each model's decision, scored rows only."""
     return [{"id": r["id"], "reference": r["reference_decision"], "base": r["base_decision"], "fine_tuned": r["decision"]}
-            for r in records if r["decision"] is not None and r["base_decision"] is not None]
+            for r in both_decided(records)]
 
 
 def rouge_plot(records: list[dict]) -> list[dict]:
@@ -217,7 +217,7 @@ def most_changed(records: list[dict], n: int) -> dict[str, list[dict]]:
         return (option_probability(r["option_logprobs"], r["reference_decision"])
                 - option_probability(r["base_option_logprobs"], r["reference_decision"]))
 
-    decided = [r for r in records if r["decision"] is not None and r["base_decision"] is not None]
+    decided = both_decided(records)
     fixed = [r for r in decided if r["decision"] == r["reference_decision"] != r["base_decision"]]
     broken = [r for r in decided if r["base_decision"] == r["reference_decision"] != r["decision"]]
     return {
