@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.run_stages import prepare_workspace, run_stages
+from benchmarks.run_stages import prepare_workspace, run_stages, stage_env
 from tools.smoke import ROOT
 
 # Holds the stage in the step after checkpoint-<at> (our own callback, which unsloth leaves alone).
@@ -45,18 +45,12 @@ train.main()
 
 def small_llama(out_dir: Path, layers: int) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tools.tiny_model import DEFAULT_DATA, build_tokenizer, corpus_from
+    from tools.tiny_model import DEFAULT_DATA, build_model, build_tokenizer, corpus_from
 
     tokenizer = build_tokenizer(corpus_from(ROOT / DEFAULT_DATA))
-    eot, end = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=[eot, end],
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out_dir)
+    model = build_model(tokenizer, hidden_size=1024, intermediate_size=3584, layers=layers, heads=8, kv_heads=4)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -87,7 +81,7 @@ def main() -> None:
                  "model.base_16bit": str(model), "model.backend": "unsloth", "model.max_seq_length": 1024,
                  "train.max_steps": args.steps, "train.save_steps": 4, "train.eval_steps": 4,
                  "train.per_device_train_batch_size": 4}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = stage_env()
     results = {}
 
     reference = scratch / "reference"

@@ -39,9 +39,14 @@ def prepare_workspace(workspace: Path, overrides: dict) -> None:
                                            encoding="utf-8")
 
 
+def stage_env() -> dict[str, str]:
+    """This environment, with this checkout's stages importable from a scratch workspace."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_stages(workspace: Path, stages: list[str], log_file: Path | None = None) -> dict[str, float]:
     """Each stage's wall seconds; with log_file its output (every process's) goes there, not to the terminal."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = stage_env()
     seconds = {}
     for stage in stages:
         started = time.perf_counter()

@@ -76,7 +76,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     )
 
 
-def build_model(tokenizer, hidden_size: int = 64, seed: int = 0):
+def build_model(tokenizer, hidden_size: int = 64, seed: int = 0, *, intermediate_size: int | None = None,
+                layers: int = 2, heads: int = 4, kv_heads: int = 2):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -85,10 +86,10 @@ def build_model(tokenizer, hidden_size: int = 64, seed: int = 0):
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[eot, end],
