@@ -24,7 +24,9 @@ Trials, run only when --only names them, each a variant of 1 or 2: -balanced
 (UNSLOTH_TOKEN_BALANCE=1: rows dealt by tokens), -prefetch (UNSLOTH_GC_PREFETCH=1: the next
 offloaded activation reloaded during this layer's backward; on 2 with balancing), -bf16-allreduce
 (UNSLOTH_DDP_COMM_HOOK=bf16), -log10 (train.logging_steps=10: the Trainer waits for the GPU at every
-logging step; per-step figures then cover 10 steps each).
+logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
+wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps).
+Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
 the first two ("steady") it records the median step's tokens/s and a least-squares fit of step
@@ -57,7 +59,9 @@ EFFECTIVE_BATCH = 12  # the recipe's rows per optimizer step
 BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows dealt in equal token counts
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
-UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE})  # unset unless a variant sets them
+NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
+UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC})  # unset unless a variant sets them
+LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
 
@@ -144,6 +148,13 @@ def step_fit(steps: list[dict], skip: int = 2) -> dict:
     }
 
 
+def late_tokens_per_s(steps: list[dict], logging_steps: int, after: int = LATE_AFTER) -> float | None:
+    """Tokens/s over the logged windows that start after step `after` (each line covers the steps since the last)."""
+    kept = [s for s in steps if ((s["step"] - 1) // logging_steps) * logging_steps >= after]
+    seconds = sum(s["seconds"] for s in kept)
+    return round(sum(s["tokens"] for s in kept) / seconds) if seconds else None
+
+
 def gpu_memory_sampler(log_file: Path) -> subprocess.Popen:
     """nvidia-smi writes every GPU's used memory twice a second until stopped."""
     return subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
@@ -186,13 +197,15 @@ def probe_results(workspace: Path) -> dict:
 def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_token: int, peak_tflops: float,
                   probe: bool = False) -> dict:
     """One training run of the stage in a copy of the prepared template workspace (profiled: probe)."""
+    module = ("benchmarks.probe_train" if probe else
+              "benchmarks.trial_train" if os.environ.get("BENCH_NO_STEP_SYNC") else "train")
     shutil.rmtree(workspace, ignore_errors=True)
     shutil.copytree(template, workspace)
     prepare_workspace(workspace, overrides)
     sampler = gpu_memory_sampler(workspace / "gpu-memory.csv")
     log_file = workspace / "train.log"
     try:
-        seconds = run_stages(workspace, ["benchmarks.probe_train" if probe else "train"], log_file)
+        seconds = run_stages(workspace, [module], log_file)
     finally:
         sampler.terminate()
         sampler.wait()
@@ -206,6 +219,7 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
         **{key: metrics[key] for key in keys},
         "unsloth_env": {key: os.environ[key] for key in UNSLOTH_KNOBS if key in os.environ},
         **step_fit(per_step["steps"]),
+        "late_tokens_per_s": late_tokens_per_s(per_step["steps"], overrides.get("train.logging_steps", 1)),
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),
         "mfu_per_gpu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12 * gpus), 4),
         "nvidia_smi_peak_mib": peak_memory_mib(workspace / "gpu-memory.csv"),
@@ -336,7 +350,12 @@ def main() -> None:
             ("unsloth-1proc-prefetch", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), PREFETCH, True),
             (f"{many}-bf16-allreduce", variant("unsloth", n, half, args.steps), BF16_ALLREDUCE, True),
             ("unsloth-1proc-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10}, {}, True),
-            (f"{many}-log10", {**variant("unsloth", n, half, args.steps), **every_10}, {}, True)]
+            (f"{many}-log10", {**variant("unsloth", n, half, args.steps), **every_10}, {}, True),
+            ("unsloth-1proc-nosync", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), NO_STEP_SYNC, True),
+            (f"{many}-nosync", variant("unsloth", n, half, args.steps), NO_STEP_SYNC, True),
+            ("unsloth-1proc-nosync-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10},
+             NO_STEP_SYNC, True),
+            (f"{many}-nosync-log10", {**variant("unsloth", n, half, args.steps), **every_10}, NO_STEP_SYNC, True)]
     for round_ in range(args.repeat):
         for name, overrides, env in parts_to_run(plan, args.only):
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
@@ -354,13 +373,20 @@ def main() -> None:
                     results["train"][key] = timed(train_variant, work / key, template, overrides, flops, peak,
                                                   args.probe, fatal=False)
             speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
+            late = {k: v.get("late_tokens_per_s") for k, v in results["train"].items()}
             # several processes against one: the same effective batch, then the shipped rows per device
             pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
                      (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
+                     (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
             results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
                                    if speeds.get(a) and speeds.get(b)}
+            # after step LATE_AFTER, from the log lines alone: the measure that trial_train's runs keep exact
+            results["late_speedups"] = {f"{a} / {b}": round(late[a] / late[b], 3) for a, b in pairs + [
+                ("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
+                ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many)]
+                if late.get(a) and late.get(b)}
             if speeds.get(many) and speeds.get("unsloth-1proc"):
                 losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))
                 results["max_step_loss_difference"] = round(max(abs(x - y) for x, y in zip(losses_one, losses_many)),

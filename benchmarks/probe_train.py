@@ -125,32 +125,45 @@ class Probe:
             json.dumps({"rank": self.rank, "profile": self.profile, "steps": self.steps}, indent=1) + "\n")
 
 
+def run_stage_as(module: str, after_load) -> None:
+    """stages.train in this process, unchanged but for after_load(), called once the model is loaded.
+
+    By then unsloth (when used) is imported, so transformers and trl may be too. A several-process
+    run relaunches `module` instead of the stage, so every process runs the same wrapper.
+    """
+    relaunch, load = launch.launch, train_stage.load_for_training
+
+    def launch_module(num_processes, config_file, backend, _module="stages.train"):
+        return relaunch(num_processes, config_file, backend, module)
+
+    def load_then(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        after_load()
+        return loaded
+
+    launch.launch, train_stage.load_for_training = launch_module, load_then
+    train_stage.main()
+
+
+def add_probe() -> None:
+    from transformers import TrainerCallback
+
+    from stages import callbacks
+
+    quiet = callbacks.quiet_progress
+
+    def quiet_and_probe(trainer):
+        quiet(trainer)
+        trainer.add_callback(type("ProbeCallback", (Probe, TrainerCallback), {})())
+
+    callbacks.quiet_progress = quiet_and_probe
+
+
 def main() -> None:
     import torch
 
     torch._logging.set_logs(recompiles=True)
-    relaunch, load = launch.launch, train_stage.load_for_training
-
-    def launch_probe(num_processes, config_file, backend, module="stages.train"):
-        return relaunch(num_processes, config_file, backend, "benchmarks.probe_train")
-
-    def load_then_patch(*args, **kwargs):
-        loaded = load(*args, **kwargs)  # unsloth (when used) is imported now: transformers may follow
-        from transformers import TrainerCallback
-
-        from stages import callbacks
-
-        quiet = callbacks.quiet_progress
-
-        def quiet_and_probe(trainer):
-            quiet(trainer)
-            trainer.add_callback(type("ProbeCallback", (Probe, TrainerCallback), {})())
-
-        callbacks.quiet_progress = quiet_and_probe
-        return loaded
-
-    launch.launch, train_stage.load_for_training = launch_probe, load_then_patch
-    train_stage.main()
+    run_stage_as("benchmarks.probe_train", add_probe)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import logging
 import pytest
 from transformers import TrainerState
 
-from benchmarks.bench_parallel import parts_to_run, step_fit, step_times
+from benchmarks.bench_parallel import late_tokens_per_s, parts_to_run, step_fit, step_times
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks
 
@@ -56,3 +56,12 @@ def test_trials_run_only_when_named_and_parts_keep_the_plan_order():
     assert parts_to_run(plan, ["two-trial", "one"]) == [("one", {"a": 1}, {}), ("two-trial", {"a": 2}, {"X": "1"})]
     assert parts_to_run(plan, []) == []
 
+
+
+def test_late_speed_takes_only_the_log_windows_that_start_after_the_early_steps():
+    every_step = [{"step": s, "tokens": 1000, "seconds": 2.0 if s <= 10 else 0.5} for s in range(2, 21)]
+    assert late_tokens_per_s(every_step, 1) == 2000  # steps 11-20: 10,000 tokens in 5 s
+    # logging every 10 steps: the line at 20 covers 11-20, the forced last one at 25 covers 21-25
+    every_10 = [{"step": 20, "tokens": 10_000, "seconds": 5.0}, {"step": 25, "tokens": 5000, "seconds": 2.5}]
+    assert late_tokens_per_s([{"step": 10, "tokens": 9000, "seconds": 30.0}, *every_10], 10) == 2000
+    assert late_tokens_per_s(every_step[:5], 1) is None  # nothing after step 10

@@ -1,0 +1,68 @@
+"""The train stage without the Trainer's waits for the GPU inside each step (a bench_parallel trial).
+
+    python -m benchmarks.trial_train        (in a workspace, instead of python -m stages.train)
+
+transformers 5.17's training loop makes the host wait for the GPU twice right after every
+backward pass: `logging_nan_inf_filter` tests the loss with `torch.isnan(...)` in an `if`, and
+`include_num_input_tokens_seen` gathers the step's token count across processes and reads it with
+`.item()`. While the host waits, it queues nothing, so the optimizer step and the next batch start
+on an idle GPU. This runs stages.train unchanged except:
+
+- logging_nan_inf_filter off (the loss is added as it is; a NaN then shows in the log, not hidden);
+- the token count gathered on the GPU and read only when the Trainer logs (it waits there anyway).
+
+train.logging_steps is a param: the logging wait itself is removed by a variant that logs every
+10 steps. state.num_input_tokens_seen is exact at every logging step and may lag between them, so
+only the log lines' rates (what bench_parallel reads) are meaningful, not the stage's
+steady_tokens_per_s.
+"""
+
+from __future__ import annotations
+
+from benchmarks.probe_train import run_stage_as
+from stages import train as train_stage
+
+
+def defer_token_count() -> None:
+    import torch
+    from transformers import Trainer
+
+    logged = Trainer._maybe_log_save_evaluate
+
+    def track(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no":
+            return
+        if self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif self.args.include_num_input_tokens_seen == "non_padding":
+            count = (inputs["input_ids"] != self.processing_class.pad_token_id).sum()
+        else:
+            count = inputs["input_ids"].numel()
+        count = self.accelerator.gather(torch.as_tensor(count, device=self.args.device, dtype=torch.int64)).sum()
+        pending = getattr(self, "_tokens_pending", None)
+        self._tokens_pending = count if pending is None else pending + count
+
+    def log_save_evaluate(self, *args, **kwargs):
+        pending = getattr(self, "_tokens_pending", None)
+        if pending is not None and self.control.should_log:
+            self.state.num_input_tokens_seen += int(pending.item())
+            self._tokens_pending = None
+        return logged(self, *args, **kwargs)
+
+    Trainer._track_num_input_tokens, Trainer._maybe_log_save_evaluate = track, log_save_evaluate
+
+
+def main() -> None:
+    configure = train_stage.sft_config
+
+    def without_nan_filter(*args, **kwargs):
+        config = configure(*args, **kwargs)
+        config.logging_nan_inf_filter = False
+        return config
+
+    train_stage.sft_config = without_nan_filter
+    run_stage_as("benchmarks.trial_train", defer_token_count)
+
+
+if __name__ == "__main__":
+    main()
