@@ -25,7 +25,8 @@ Trials, run only when --only names them, each a variant of 1 or 2: -balanced
 offloaded activation reloaded during this layer's backward; on 2 with balancing), -bf16-allreduce
 (UNSLOTH_DDP_COMM_HOOK=bf16), -log10 (train.logging_steps=10: the Trainer waits for the GPU at every
 logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
-wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps).
+wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
+-flash (the same module: attention without cuDNN, whose plan per new sequence length stalls a step).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
@@ -60,7 +61,9 @@ BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows 
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
-UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC})  # unset unless a variant sets them
+NO_CUDNN_SDP = {"BENCH_NO_CUDNN_SDP": "1"}  # the same: attention without cuDNN's per-length plans
+TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **NO_CUDNN_SDP})  # any of them set: the run goes through trial_train
+UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC, **NO_CUDNN_SDP})  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
@@ -198,7 +201,7 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
                   probe: bool = False) -> dict:
     """One training run of the stage in a copy of the prepared template workspace (profiled: probe)."""
     module = ("benchmarks.probe_train" if probe else
-              "benchmarks.trial_train" if os.environ.get("BENCH_NO_STEP_SYNC") else "train")
+              "benchmarks.trial_train" if any(os.environ.get(key) for key in TRIAL_KNOBS) else "train")
     shutil.rmtree(workspace, ignore_errors=True)
     shutil.copytree(template, workspace)
     prepare_workspace(workspace, overrides)
@@ -355,7 +358,13 @@ def main() -> None:
             (f"{many}-nosync", variant("unsloth", n, half, args.steps), NO_STEP_SYNC, True),
             ("unsloth-1proc-nosync-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10},
              NO_STEP_SYNC, True),
-            (f"{many}-nosync-log10", {**variant("unsloth", n, half, args.steps), **every_10}, NO_STEP_SYNC, True)]
+            (f"{many}-nosync-log10", {**variant("unsloth", n, half, args.steps), **every_10}, NO_STEP_SYNC, True),
+            ("unsloth-1proc-flash", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), NO_CUDNN_SDP, True),
+            (f"{many}-flash", variant("unsloth", n, half, args.steps), NO_CUDNN_SDP, True),
+            (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+             NO_CUDNN_SDP, True),
+            (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
+             NO_CUDNN_SDP, True)]
     for round_ in range(args.repeat):
         for name, overrides, env in parts_to_run(plan, args.only):
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
@@ -378,6 +387,8 @@ def main() -> None:
             pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
                      (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
                      (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
+                     (f"{many}-flash", "unsloth-1proc-flash"),
+                     (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
             results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
@@ -385,7 +396,8 @@ def main() -> None:
             # after step LATE_AFTER, from the log lines alone: the measure that trial_train's runs keep exact
             results["late_speedups"] = {f"{a} / {b}": round(late[a] / late[b], 3) for a, b in pairs + [
                 ("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
-                ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many)]
+                ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
+                ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many)]
                 if late.get(a) and late.get(b)}
             if speeds.get(many) and speeds.get("unsloth-1proc"):
                 losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))

@@ -1,6 +1,13 @@
-"""The train stage without the Trainer's waits for the GPU inside each step (a bench_parallel trial).
+"""The train stage with one change under trial (bench_parallel), chosen by environment variables.
 
     python -m benchmarks.trial_train        (in a workspace, instead of python -m stages.train)
+
+BENCH_NO_CUDNN_SDP=1: attention without cuDNN. On H100 torch's scaled_dot_product_attention picks
+cuDNN for training, which builds a plan for every new sequence length (unsloth pads each row to a
+multiple of 128 to bound them, unsloth/utils/attention_dispatch.py): ~170 ms the first time a
+batch holds a row of a new length bucket, on each process separately. Off, SDPA takes its flash kernel.
+
+BENCH_NO_STEP_SYNC=1: no waits for the GPU inside a step.
 
 transformers 5.17's training loop makes the host wait for the GPU twice right after every
 backward pass: `logging_nan_inf_filter` tests the loss with `torch.isnan(...)` in an `if`, and
@@ -53,6 +60,15 @@ def defer_token_count() -> None:
 
 
 def main() -> None:
+    import os
+
+    if os.environ.get("BENCH_NO_CUDNN_SDP"):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if not os.environ.get("BENCH_NO_STEP_SYNC"):
+        run_stage_as("benchmarks.trial_train", lambda: None)
+        return
     configure = train_stage.sft_config
 
     def without_nan_filter(*args, **kwargs):
