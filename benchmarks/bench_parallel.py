@@ -26,7 +26,7 @@ offloaded activation reloaded during this layer's backward; on 2 with balancing)
 (UNSLOTH_DDP_COMM_HOOK=bf16), -log10 (train.logging_steps=10: the Trainer waits for the GPU at every
 logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
--cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26).
+-flash (the same module: attention without cuDNN, whose plan per new sequence length stalls a step).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
@@ -61,9 +61,9 @@ BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows 
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
-CUDNN_SDP = {"BENCH_CUDNN_SDP": "1"}  # the same: attention on cuDNN again, as before 2026-11-26
-TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP})  # any of them set: the run goes through trial_train
-UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC, **CUDNN_SDP})  # unset unless a variant sets them
+NO_CUDNN_SDP = {"BENCH_NO_CUDNN_SDP": "1"}  # the same: attention without cuDNN's per-length plans
+TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **NO_CUDNN_SDP})  # any of them set: the run goes through trial_train
+UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC, **NO_CUDNN_SDP})  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
@@ -359,8 +359,12 @@ def main() -> None:
             ("unsloth-1proc-nosync-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10},
              NO_STEP_SYNC, True),
             (f"{many}-nosync-log10", {**variant("unsloth", n, half, args.steps), **every_10}, NO_STEP_SYNC, True),
-            ("unsloth-1proc-cudnn", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), CUDNN_SDP, True),
-            (f"{many}-cudnn", variant("unsloth", n, half, args.steps), CUDNN_SDP, True)]
+            ("unsloth-1proc-flash", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), NO_CUDNN_SDP, True),
+            (f"{many}-flash", variant("unsloth", n, half, args.steps), NO_CUDNN_SDP, True),
+            (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+             NO_CUDNN_SDP, True),
+            (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
+             NO_CUDNN_SDP, True)]
     for round_ in range(args.repeat):
         for name, overrides, env in parts_to_run(plan, args.only):
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
@@ -383,7 +387,8 @@ def main() -> None:
             pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
                      (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
                      (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
-                     (f"{many}-cudnn", "unsloth-1proc-cudnn"),
+                     (f"{many}-flash", "unsloth-1proc-flash"),
+                     (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
                      (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
             results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
@@ -392,7 +397,7 @@ def main() -> None:
             results["late_speedups"] = {f"{a} / {b}": round(late[a] / late[b], 3) for a, b in pairs + [
                 ("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
                 ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
-                ("unsloth-1proc", "unsloth-1proc-cudnn"), (many, f"{many}-cudnn")]
+                ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many)]
                 if late.get(a) and late.get(b)}
             if speeds.get(many) and speeds.get("unsloth-1proc"):
                 losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))

@@ -2,8 +2,10 @@
 
     python -m benchmarks.trial_train        (in a workspace, instead of python -m stages.train)
 
-BENCH_CUDNN_SDP=1: attention on cuDNN again, as before the stage turned it off for unsloth
-(stages.modeling.train_attention_without_cudnn): the comparison that decision rests on.
+BENCH_NO_CUDNN_SDP=1: attention without cuDNN. On H100 torch's scaled_dot_product_attention picks
+cuDNN for training, which builds a plan for every new sequence length (unsloth pads each row to a
+multiple of 128 to bound them, unsloth/utils/attention_dispatch.py): ~170 ms the first time a
+batch holds a row of a new length bucket, on each process separately. Off, SDPA takes its flash kernel.
 
 BENCH_NO_STEP_SYNC=1: no waits for the GPU inside a step.
 
@@ -60,14 +62,12 @@ def defer_token_count() -> None:
 def main() -> None:
     import os
 
-    def cudnn_again() -> None:
-        if os.environ.get("BENCH_CUDNN_SDP"):
-            import torch
+    if os.environ.get("BENCH_NO_CUDNN_SDP"):
+        import torch
 
-            torch.backends.cuda.enable_cudnn_sdp(True)
-
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if not os.environ.get("BENCH_NO_STEP_SYNC"):
-        run_stage_as("benchmarks.trial_train", cudnn_again)
+        run_stage_as("benchmarks.trial_train", lambda: None)
         return
     configure = train_stage.sft_config
 
@@ -77,7 +77,7 @@ def main() -> None:
         return config
 
     train_stage.sft_config = without_nan_filter
-    run_stage_as("benchmarks.trial_train", lambda: (cudnn_again(), defer_token_count()))
+    run_stage_as("benchmarks.trial_train", defer_token_count)
 
 
 if __name__ == "__main__":

@@ -146,28 +146,9 @@ def load_for_training(model_params, lora_params, gradient_checkpointing: bool, s
     return model, prepare_tokenizer(tokenizer), backend
 
 
-def train_attention_without_cudnn() -> None:
-    """Training attention on flash, never on cuDNN.
-
-    On H100 / H200 torch's scaled_dot_product_attention picks cuDNN for training, and cuDNN
-    builds a plan for every new sequence length (unsloth pads each row to a multiple of 128 to
-    bound them): ~170 ms the first time a batch holds a row of a new length, in every process
-    separately, and DDP waits for the slowest. Measured with unsloth on 2 x H100 (benchmarks/README.md,
-    "Attention off cuDNN"): one GPU 2-4% faster in steady steps and 21% over a 30-step session, two
-    GPUs 8-11%. Smaller GPUs (A100, RTX 3090/4090) use flash already.
-    """
-    import torch
-
-    if torch.backends.cuda.cudnn_sdp_enabled():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        log.info("attention: flash, not cuDNN (no plan per new sequence length)")
-
-
 def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
     # Imported first, as unsloth asks, so that it can patch transformers, trl and peft.
     from unsloth import FastLanguageModel
-
-    train_attention_without_cudnn()
 
     with load_errors("model.name", model_params.name):
         model, tokenizer = FastLanguageModel.from_pretrained(
