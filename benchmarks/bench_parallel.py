@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_parallel --out RESULTS.json [--processes 2] [--steps 40] \
         [--transformers-steps 20] [--last-steps 20] [--model-dir /tmp/llama8b] [--skip-merge] \
-        [--only PART ...] [--repeat K] [--probe]
+        [--only PART ...] [--repeat K] [--no-warmup] [--probe]
 
 Run from the repository root on a host with N CUDA GPUs, like benchmarks/bench.py, whose 8B-shaped
 random model, synthetic rows and helpers it reuses. Every variant is `python -m stages.train` with
@@ -28,6 +28,10 @@ logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/tr
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
 -flash (the same module: attention without cuDNN, whose plan per new sequence length stalls a step).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
+
+Before anything is measured, one unmeasured run per process count warms the disk caches (Triton
+kernels) that a first run on a fresh machine fills (--no-warmup skips it). With --repeat every
+other round runs the parts in reverse order; speedups compare each part's mean over its rounds.
 
 Each run's per-step times and tokens come from rank 0's log: besides tokens/s over the steps after
 the first two ("steady") it records the median step's tokens/s and a least-squares fit of step
@@ -156,6 +160,40 @@ def late_tokens_per_s(steps: list[dict], logging_steps: int, after: int = LATE_A
     kept = [s for s in steps if ((s["step"] - 1) // logging_steps) * logging_steps >= after]
     seconds = sum(s["seconds"] for s in kept)
     return round(sum(s["tokens"] for s in kept) / seconds) if seconds else None
+
+
+def warmup_parts(parts: list[tuple]) -> list[tuple]:
+    """The first training part of each process count among `parts`: run once before anything is measured.
+
+    The first run on a fresh machine compiles and caches on disk the Triton kernels of every shape
+    it meets (for a DDP rank: its own share of each batch), so later runs skip what it paid: without
+    a warm-up the first part measured is handicapped (benchmarks/README.md, "Run order").
+    """
+    seen, warm = set(), []
+    for name, overrides, env in parts:
+        if overrides is not None and overrides["train.num_processes"] not in seen:
+            seen.add(overrides["train.num_processes"])
+            warm.append((name, overrides, env))
+    return warm
+
+
+def rounds(parts: list[tuple], repeat: int) -> list[tuple[int, list[tuple]]]:
+    """(round, its parts): the plan's order, then reversed, alternately, so that drift within a session
+    weighs on every part alike."""
+    return [(r, parts if r % 2 == 0 else parts[::-1]) for r in range(repeat)]
+
+
+def mean_by_part(train: dict, measure: str) -> dict[str, float]:
+    """Each part's mean `measure` over its rounds (keys name, name#2, ...); failed runs left out."""
+    values: dict[str, list[float]] = {}
+    for key, run in train.items():
+        if run.get(measure):
+            values.setdefault(key.split("#")[0], []).append(run[measure])
+    return {name: statistics.fmean(found) for name, found in values.items()}
+
+
+def ratios(means: dict[str, float], pairs: list[tuple[str, str]]) -> dict[str, float]:
+    return {f"{a} / {b}": round(means[a] / means[b], 3) for a, b in pairs if means.get(a) and means.get(b)}
 
 
 def gpu_memory_sampler(log_file: Path) -> subprocess.Popen:
@@ -295,7 +333,10 @@ def main() -> None:
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--probe", action="store_true",
                         help="train through benchmarks/probe_train.py: profiled steps (its speeds are not for claims)")
-    parser.add_argument("--repeat", type=int, default=1, help="run the chosen parts this many times, in turn")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the chosen parts this many times, every other round in reverse order")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="first train once, unmeasured, with each process count the chosen parts use")
     parser.add_argument("--only", nargs="*", metavar="PART",
                         help="run only these parts (names as in the results, e.g. unsloth-1proc merge)")
     args = parser.parse_args()
@@ -365,8 +406,28 @@ def main() -> None:
              NO_CUDNN_SDP, True),
             (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
              NO_CUDNN_SDP, True)]
-    for round_ in range(args.repeat):
-        for name, overrides, env in parts_to_run(plan, args.only):
+    chosen = parts_to_run(plan, args.only)
+    if args.warmup:
+        results["warmup"] = {}
+        for name, overrides, env in warmup_parts(chosen):
+            log.info("warming up with %s (not measured)", name)
+            with environment_for(env):
+                run = timed(train_variant, work / f"warmup-{name}", template, overrides, flops, peak, fatal=False)
+            results["warmup"][name] = {k: run.get(k) for k in ("steady_tokens_per_s", "late_tokens_per_s", "seconds",
+                                                               "error") if k in run}
+    # several processes against one: the same effective batch, then the shipped rows per device
+    pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
+             (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
+             (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
+             (f"{many}-flash", "unsloth-1proc-flash"),
+             (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
+             (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
+    # a trial against the same run without it
+    trials = [("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
+              ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
+              ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many)]
+    for round_, parts in rounds(chosen, args.repeat):
+        for name, overrides, env in parts:
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
             if name == "copy_bandwidth":
                 if round_ == 0:
@@ -381,25 +442,11 @@ def main() -> None:
                 with environment_for(env):
                     results["train"][key] = timed(train_variant, work / key, template, overrides, flops, peak,
                                                   args.probe, fatal=False)
-            speeds = {k: v.get("steady_tokens_per_s") for k, v in results["train"].items()}
-            late = {k: v.get("late_tokens_per_s") for k, v in results["train"].items()}
-            # several processes against one: the same effective batch, then the shipped rows per device
-            pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
-                     (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
-                     (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
-                     (f"{many}-flash", "unsloth-1proc-flash"),
-                     (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}"),
-                     (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
-                     (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
-            results["speedups"] = {f"{a} / {b}": round(speeds[a] / speeds[b], 3) for a, b in pairs
-                                   if speeds.get(a) and speeds.get(b)}
+            # over every round's run of each part
+            results["speedups"] = ratios(mean_by_part(results["train"], "steady_tokens_per_s"), pairs)
             # after step LATE_AFTER, from the log lines alone: the measure that trial_train's runs keep exact
-            results["late_speedups"] = {f"{a} / {b}": round(late[a] / late[b], 3) for a, b in pairs + [
-                ("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
-                ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
-                ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many)]
-                if late.get(a) and late.get(b)}
-            if speeds.get(many) and speeds.get("unsloth-1proc"):
+            results["late_speedups"] = ratios(mean_by_part(results["train"], "late_tokens_per_s"), pairs + trials)
+            if all("losses" in results["train"].get(k, {}) for k in ("unsloth-1proc", many)):
                 losses_one, losses_many = (results["train"][k]["losses"] for k in ("unsloth-1proc", many))
                 results["max_step_loss_difference"] = round(max(abs(x - y) for x, y in zip(losses_one, losses_many)),
                                                             5)

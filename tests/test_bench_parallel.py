@@ -6,7 +6,8 @@ import logging
 import pytest
 from transformers import TrainerState
 
-from benchmarks.bench_parallel import late_tokens_per_s, parts_to_run, step_fit, step_times
+from benchmarks.bench_parallel import (late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds, step_fit,
+                                      step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks
 
@@ -65,3 +66,21 @@ def test_late_speed_takes_only_the_log_windows_that_start_after_the_early_steps(
     every_10 = [{"step": 20, "tokens": 10_000, "seconds": 5.0}, {"step": 25, "tokens": 5000, "seconds": 2.5}]
     assert late_tokens_per_s([{"step": 10, "tokens": 9000, "seconds": 30.0}, *every_10], 10) == 2000
     assert late_tokens_per_s(every_step[:5], 1) is None  # nothing after step 10
+
+
+def test_the_warm_up_trains_once_per_process_count_and_rounds_alternate_their_order():
+    one, two = {"train.num_processes": 1}, {"train.num_processes": 2}
+    parts = [("copy_bandwidth", None, {}), ("a-1", one, {}), ("a-2", two, {}), ("b-1", one, {"X": "1"}),
+             ("merge", None, {}), ("b-2", two, {"X": "1"})]
+    assert [name for name, _, _ in warmup_parts(parts)] == ["a-1", "a-2"]
+    assert warmup_parts([("merge", None, {})]) == []
+    assert [[name for name, _, _ in round_parts] for _, round_parts in rounds(parts[1:4], 3)] == [
+        ["a-1", "a-2", "b-1"], ["b-1", "a-2", "a-1"], ["a-1", "a-2", "b-1"]]
+
+
+def test_speedups_compare_each_parts_mean_over_its_rounds_and_skip_failed_runs():
+    train = {"one": {"steady": 100.0}, "two": {"steady": 170.0}, "one#2": {"steady": 110.0},
+             "two#2": {"steady": 190.0}, "two#3": {"error": "CUDA out of memory"}, "three": {"error": "x"}}
+    means = mean_by_part(train, "steady")
+    assert means == {"one": 105.0, "two": 180.0}
+    assert ratios(means, [("two", "one"), ("three", "one")]) == {"two / one": round(180 / 105, 3)}
