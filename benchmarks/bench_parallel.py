@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_parallel --out RESULTS.json [--processes 2] [--steps 40] \
         [--transformers-steps 20] [--last-steps 20] [--model-dir /tmp/llama8b] [--skip-merge] \
-        [--only PART ...] [--repeat K] [--no-warmup] [--probe]
+        [--only PART ...] [--repeat K] [--no-warmup | --warmup-steps S] [--probe]
 
 Run from the repository root on a host with N CUDA GPUs, like benchmarks/bench.py, whose 8B-shaped
 random model, synthetic rows and helpers it reuses. Every variant is `python -m stages.train` with
@@ -337,6 +337,7 @@ def main() -> None:
                         help="run the chosen parts this many times, every other round in reverse order")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="first train once, unmeasured, with each process count the chosen parts use")
+    parser.add_argument("--warmup-steps", type=int, help="steps of each warm-up run (default: --steps)")
     parser.add_argument("--only", nargs="*", metavar="PART",
                         help="run only these parts (names as in the results, e.g. unsloth-1proc merge)")
     args = parser.parse_args()
@@ -412,7 +413,8 @@ def main() -> None:
         for name, overrides, env in warmup_parts(chosen):
             log.info("warming up with %s (not measured)", name)
             with environment_for(env):
-                run = timed(train_variant, work / f"warmup-{name}", template, overrides, flops, peak, fatal=False)
+                run = timed(train_variant, work / f"warmup-{name}", template,
+                            {**overrides, "train.max_steps": args.warmup_steps or args.steps}, flops, peak, fatal=False)
             results["warmup"][name] = {k: run.get(k) for k in ("steady_tokens_per_s", "late_tokens_per_s", "seconds",
                                                                "error") if k in run}
     # several processes against one: the same effective batch, then the shipped rows per device
