@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_parallel --out RESULTS.json [--processes 2] [--steps 40] \
         [--transformers-steps 20] [--last-steps 20] [--model-dir /tmp/llama8b] [--skip-merge] \
-        [--only PART ...] [--repeat K] [--no-warmup | --warmup-steps S] [--probe]
+        [--only PART ...] [--repeat K] [--reverse] [--no-warmup | --warmup-steps S] [--probe]
 
 Run from the repository root on a host with N CUDA GPUs, like benchmarks/bench.py, whose 8B-shaped
 random model, synthetic rows and helpers it reuses. Every variant is `python -m stages.train` with
@@ -163,16 +163,21 @@ def late_tokens_per_s(steps: list[dict], logging_steps: int, after: int = LATE_A
 
 
 def warmup_parts(parts: list[tuple]) -> list[tuple]:
-    """The first training part of each process count among `parts`: run once before anything is measured.
+    """The first training part of each backend, process count and rows per device among `parts`.
 
-    The first run on a fresh machine compiles and caches on disk the Triton kernels of every shape
-    it meets (for a DDP rank: its own share of each batch), so later runs skip what it paid: without
-    a warm-up the first part measured is handicapped (benchmarks/README.md, "Run order").
+    Each is run once before anything is measured. The first run on a fresh machine compiles and
+    caches on disk the Triton kernels of every shape it meets (for a DDP rank: its own share of
+    each batch), so later runs skip what it paid: without a warm-up the first part measured is
+    handicapped (benchmarks/README.md, "Run order").
     """
     seen, warm = set(), []
     for name, overrides, env in parts:
-        if overrides is not None and overrides["train.num_processes"] not in seen:
-            seen.add(overrides["train.num_processes"])
+        if overrides is None:
+            continue
+        shape = tuple(overrides[key] for key in ("model.backend", "train.num_processes",
+                                                  "train.per_device_train_batch_size"))
+        if shape not in seen:
+            seen.add(shape)
             warm.append((name, overrides, env))
     return warm
 
@@ -256,13 +261,16 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
             "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
     per_step = step_times(log_file)
+    if os.environ.get("BENCH_NO_STEP_SYNC"):  # its token count lags between logging steps: steady is not exact
+        metrics["steady_tokens_per_s"] = None
     return {
         **{key: metrics[key] for key in keys},
         "unsloth_env": {key: os.environ[key] for key in UNSLOTH_KNOBS if key in os.environ},
         **step_fit(per_step["steps"]),
         "late_tokens_per_s": late_tokens_per_s(per_step["steps"], overrides.get("train.logging_steps", 1)),
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),
-        "mfu_per_gpu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12 * gpus), 4),
+        "mfu_per_gpu": metrics["steady_tokens_per_s"] and round(
+            metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12 * gpus), 4),
         "nvidia_smi_peak_mib": peak_memory_mib(workspace / "gpu-memory.csv"),
         "losses": losses(workspace),
         "stage_seconds": next(iter(seconds.values())),
@@ -338,6 +346,8 @@ def main() -> None:
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="first train once, unmeasured, with each process count the chosen parts use")
     parser.add_argument("--warmup-steps", type=int, help="steps of each warm-up run (default: --steps)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the chosen parts in reverse plan order (a second call's half of an A-B-B-A)")
     parser.add_argument("--only", nargs="*", metavar="PART",
                         help="run only these parts (names as in the results, e.g. unsloth-1proc merge)")
     args = parser.parse_args()
@@ -408,6 +418,9 @@ def main() -> None:
             (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
              NO_CUDNN_SDP, True)]
     chosen = parts_to_run(plan, args.only)
+    if args.probe and any(key in env for _, _, env in chosen for key in TRIAL_KNOBS):
+        parser.error("--probe runs benchmarks/probe_train.py, not the trials of benchmarks/trial_train.py: "
+                     "leave the trials out of --only, or --probe off")
     if args.warmup:
         results["warmup"] = {}
         for name, overrides, env in warmup_parts(chosen):
@@ -422,15 +435,20 @@ def main() -> None:
              (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
              (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
              (f"{many}-flash", "unsloth-1proc-flash"),
+             (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
     # a trial against the same run without it
     trials = [("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
               ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
-              ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many)]
-    for round_, parts in rounds(chosen, args.repeat):
+              ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many),
+              (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
+              (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
+    results["order"] = []  # the keys in the order they ran (the file's keys are sorted)
+    for round_, parts in rounds(chosen[::-1] if args.reverse else chosen, args.repeat):
         for name, overrides, env in parts:
             key = name if round_ == 0 else f"{name}#{round_ + 1}"
+            results["order"].append(key)
             if name == "copy_bandwidth":
                 if round_ == 0:
                     results["copy_bandwidth"] = {**topology(), **timed(copy_bandwidth, fatal=False)}
@@ -455,12 +473,13 @@ def main() -> None:
             write_json(args.out, results)
     log.info("wrote %s", args.out)
     for name, run in results["train"].items():
-        print(name, run.get("error") or f"{run['steady_tokens_per_s']:,.0f} tokens/s steady, median step "
+        print(name, run.get("error") or f"{run['steady_tokens_per_s'] or 0:,.0f} tokens/s steady, "
+              f"{run['late_tokens_per_s'] or 0:,} late, median step "
               f"{run.get('median_step_tokens_per_s', 0):,} tokens/s, fixed {run.get('fixed_s_per_step')} s + "
               f"{run.get('ms_per_1k_tokens')} ms/1k tokens, {run['step_s']} s/step, "
-              f"MFU/GPU {run['mfu_per_gpu']:.1%}, rank-0 peak {run['peak_gpu_memory_gib']} GiB, "
+              f"MFU/GPU {run['mfu_per_gpu'] or 0:.1%}, rank-0 peak {run['peak_gpu_memory_gib']} GiB, "
               f"nvidia-smi {run['nvidia_smi_peak_mib']} MiB, backend {run['backend']} x {run['num_processes']}")
-    print({k: results.get(k) for k in ("speedups", "max_step_loss_difference", "adapter_check")})
+    print({k: results.get(k) for k in ("speedups", "late_speedups", "max_step_loss_difference", "adapter_check")})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ def test_trials_run_only_when_named_and_parts_keep_the_plan_order():
     assert parts_to_run(plan, []) == []
 
 
-
 def test_late_speed_takes_only_the_log_windows_that_start_after_the_early_steps():
     every_step = [{"step": s, "tokens": 1000, "seconds": 2.0 if s <= 10 else 0.5} for s in range(2, 21)]
     assert late_tokens_per_s(every_step, 1) == 2000  # steps 11-20: 10,000 tokens in 5 s
@@ -69,10 +68,15 @@ def test_late_speed_takes_only_the_log_windows_that_start_after_the_early_steps(
 
 
 def test_the_warm_up_trains_once_per_process_count_and_rounds_alternate_their_order():
-    one, two = {"train.num_processes": 1}, {"train.num_processes": 2}
+    def shape(backend, processes, rows):
+        return {"model.backend": backend, "train.num_processes": processes, "train.per_device_train_batch_size": rows}
+
+    one, two = shape("unsloth", 1, 12), shape("unsloth", 2, 6)
     parts = [("copy_bandwidth", None, {}), ("a-1", one, {}), ("a-2", two, {}), ("b-1", one, {"X": "1"}),
-             ("merge", None, {}), ("b-2", two, {"X": "1"})]
-    assert [name for name, _, _ in warmup_parts(parts)] == ["a-1", "a-2"]
+             ("merge", None, {}), ("b-2", two, {"X": "1"}), ("c-2", shape("unsloth", 2, 12), {}),
+             ("t-2", shape("transformers", 2, 6), {})]
+    # one run per shape the kernels see: backend, processes, rows per device
+    assert [name for name, _, _ in warmup_parts(parts)] == ["a-1", "a-2", "c-2", "t-2"]
     assert warmup_parts([("merge", None, {})]) == []
     assert [[name for name, _, _ in round_parts] for _, round_parts in rounds(parts[1:4], 3)] == [
         ["a-1", "a-2", "b-1"], ["b-1", "a-2", "a-1"], ["a-1", "a-2", "b-1"]]
