@@ -67,7 +67,7 @@ BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradient
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
 NO_CUDNN_SDP = {"BENCH_NO_CUDNN_SDP": "1"}  # the same: attention without cuDNN's per-length plans
 TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **NO_CUDNN_SDP})  # any of them set: the run goes through trial_train
-UNSLOTH_KNOBS = tuple({**BALANCED, **PREFETCH, **BF16_ALLREDUCE, **NO_STEP_SYNC, **NO_CUDNN_SDP})  # unset unless a variant sets them
+KNOBS = (*{**BALANCED, **PREFETCH, **BF16_ALLREDUCE}, *TRIAL_KNOBS)  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
@@ -81,8 +81,9 @@ def variant_params(common: dict, backend: str, processes: int, per_device: int, 
 
 @contextmanager
 def environment_for(overrides: dict):
-    """unsloth's knobs as this variant sets them (unset unless named), restored afterwards."""
-    saved = {key: os.environ.pop(key, None) for key in UNSLOTH_KNOBS}
+    """The environment knobs (unsloth's and the trials') as this variant sets them, unset unless named,
+    restored afterwards."""
+    saved = {key: os.environ.pop(key, None) for key in KNOBS}
     os.environ.update(overrides)
     try:
         yield
@@ -261,11 +262,11 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
     keys = ("backend", "num_processes", "effective_batch_size", "steady_tokens_per_s", "tokens_per_s", "runtime_s",
             "peak_gpu_memory_gib", "steps", "tokens_seen", "loss", "eval_loss_last")
     per_step = step_times(log_file)
-    if os.environ.get("BENCH_NO_STEP_SYNC"):  # its token count lags between logging steps: steady is not exact
+    if any(os.environ.get(key) for key in NO_STEP_SYNC):  # its token count lags between logging steps: steady is not exact
         metrics["steady_tokens_per_s"] = None
     return {
         **{key: metrics[key] for key in keys},
-        "unsloth_env": {key: os.environ[key] for key in UNSLOTH_KNOBS if key in os.environ},
+        "unsloth_env": {key: os.environ[key] for key in KNOBS if key in os.environ},
         **step_fit(per_step["steps"]),
         "late_tokens_per_s": late_tokens_per_s(per_step["steps"], overrides.get("train.logging_steps", 1)),
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),

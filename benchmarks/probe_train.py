@@ -125,8 +125,8 @@ class Probe:
             json.dumps({"rank": self.rank, "profile": self.profile, "steps": self.steps}, indent=1) + "\n")
 
 
-def run_stage_as(module: str, after_load) -> None:
-    """stages.train in this process, unchanged but for after_load(), called once the model is loaded.
+def run_stage_as(module: str, after_load=None) -> None:
+    """stages.train in this process, unchanged but for after_load() (if any), called once the model is loaded.
 
     By then unsloth (when used) is imported, so transformers and trl may be too. A several-process
     run relaunches `module` instead of the stage, so every process runs the same wrapper.
@@ -138,7 +138,8 @@ def run_stage_as(module: str, after_load) -> None:
 
     def load_then(*args, **kwargs):
         loaded = load(*args, **kwargs)
-        after_load()
+        if after_load is not None:
+            after_load()
         return loaded
 
     launch.launch, train_stage.load_for_training = launch_module, load_then

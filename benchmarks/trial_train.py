@@ -66,18 +66,17 @@ def main() -> None:
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if not os.environ.get("BENCH_NO_STEP_SYNC"):
-        run_stage_as("benchmarks.trial_train", lambda: None)
-        return
-    configure = train_stage.sft_config
+    after_load = None
+    if os.environ.get("BENCH_NO_STEP_SYNC"):
+        configure = train_stage.sft_config
 
-    def without_nan_filter(*args, **kwargs):
-        config = configure(*args, **kwargs)
-        config.logging_nan_inf_filter = False
-        return config
+        def without_nan_filter(*args, **kwargs):
+            config = configure(*args, **kwargs)
+            config.logging_nan_inf_filter = False
+            return config
 
-    train_stage.sft_config = without_nan_filter
-    run_stage_as("benchmarks.trial_train", defer_token_count)
+        train_stage.sft_config, after_load = without_nan_filter, defer_token_count
+    run_stage_as("benchmarks.trial_train", after_load)
 
 
 if __name__ == "__main__":
