@@ -94,6 +94,38 @@ def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, un
     assert "unsloth" not in sys.modules
 
 
+def test_unsloth_trains_with_attention_off_cudnn_and_transformers_leaves_it(workspace, tiny_tokenizer, monkeypatch):
+    # cuDNN attention builds a plan per new sequence length on H100s (benchmarks/README.md, "Attention
+    # off cuDNN"): the unsloth backend turns it off before it loads the model. unsloth cannot be
+    # imported without a GPU, so a stand-in records what the backend switch said at load time.
+    seen = []
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            return "model", tiny_tokenizer
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            return model
+
+    monkeypatch.setitem(sys.modules, "unsloth", type(sys)("unsloth"))
+    sys.modules["unsloth"].FastLanguageModel = FastLanguageModel
+    monkeypatch.setattr(modeling, "choose_backend", lambda requested: "unsloth")
+    params = load_params()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert modeling.load_for_training(params.model, params.lora, True, params.seed)[2] == "unsloth"
+        assert seen == [False] and not torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(modeling, "choose_backend", lambda requested: "transformers")
+        modeling.load_for_training(params.model, params.lora, False, params.seed)
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # the transformers backend was not measured: unchanged
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_4bit_on_a_cpu_says_a_gpu_is_needed(workspace):
     write_params(workspace, {"model.load_in_4bit": True})
     with pytest.raises(UserError, match="needs a CUDA GPU.*make smoke"):
