@@ -26,7 +26,8 @@ offloaded activation reloaded during this layer's backward; on 2 with balancing)
 (UNSLOTH_DDP_COMM_HOOK=bf16), -log10 (train.logging_steps=10: the Trainer waits for the GPU at every
 logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
--flash (the same module: attention without cuDNN, whose plan per new sequence length stalls a step).
+-cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26; the stage now
+turns it off for unsloth, stages.modeling.train_attention_without_cudnn).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Before anything is measured, one unmeasured run per process count warms the disk caches (Triton
@@ -65,8 +66,8 @@ BALANCED = {"UNSLOTH_TOKEN_BALANCE": "1"}  # unsloth's opt-in: each step's rows 
 PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next offloaded activation early
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
-NO_CUDNN_SDP = {"BENCH_NO_CUDNN_SDP": "1"}  # the same: attention without cuDNN's per-length plans
-TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **NO_CUDNN_SDP})  # any of them set: the run goes through trial_train
+CUDNN_SDP = {"BENCH_CUDNN_SDP": "1"}  # the same: attention on cuDNN again, with its plan per new sequence length
+TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP})  # any of them set: the run goes through trial_train
 KNOBS = (*{**BALANCED, **PREFETCH, **BF16_ALLREDUCE}, *TRIAL_KNOBS)  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
@@ -412,12 +413,12 @@ def main() -> None:
             ("unsloth-1proc-nosync-log10", {**variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), **every_10},
              NO_STEP_SYNC, True),
             (f"{many}-nosync-log10", {**variant("unsloth", n, half, args.steps), **every_10}, NO_STEP_SYNC, True),
-            ("unsloth-1proc-flash", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), NO_CUDNN_SDP, True),
-            (f"{many}-flash", variant("unsloth", n, half, args.steps), NO_CUDNN_SDP, True),
-            (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
-             NO_CUDNN_SDP, True),
-            (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
-             NO_CUDNN_SDP, True)]
+            ("unsloth-1proc-cudnn", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), CUDNN_SDP, True),
+            (f"{many}-cudnn", variant("unsloth", n, half, args.steps), CUDNN_SDP, True),
+            (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+             CUDNN_SDP, True),
+            (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
+             CUDNN_SDP, True)]
     chosen = parts_to_run(plan, args.only)
     if args.probe and any(key in env for _, _, env in chosen for key in TRIAL_KNOBS):
         parser.error("--probe runs benchmarks/probe_train.py, not the trials of benchmarks/trial_train.py: "
@@ -435,16 +436,16 @@ def main() -> None:
     pairs = [(many, "unsloth-1proc"), (f"{many}-balanced", "unsloth-1proc"),
              (f"{many}-bf16-allreduce", "unsloth-1proc"), (f"{many}-log10", "unsloth-1proc-log10"),
              (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
-             (f"{many}-flash", "unsloth-1proc-flash"),
-             (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}"),
+             (f"{many}-cudnn", "unsloth-1proc-cudnn"),
+             (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
     # a trial against the same run without it
     trials = [("unsloth-1proc-nosync", "unsloth-1proc"), (f"{many}-nosync", many),
               ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
-              ("unsloth-1proc-flash", "unsloth-1proc"), (f"{many}-flash", many),
-              (f"{many}-flash-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
-              (f"unsloth-1proc-flash-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
+              ("unsloth-1proc-cudnn", "unsloth-1proc"), (f"{many}-cudnn", many),
+              (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
+              (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
     results["order"] = []  # the keys in the order they ran (the file's keys are sorted)
     for round_, parts in rounds(chosen[::-1] if args.reverse else chosen, args.repeat):
         for name, overrides, env in parts:

@@ -2,10 +2,11 @@
 
     python -m benchmarks.trial_train        (in a workspace, instead of python -m stages.train)
 
-BENCH_NO_CUDNN_SDP=1: attention without cuDNN. On H100 torch's scaled_dot_product_attention picks
-cuDNN for training, which builds a plan for every new sequence length (unsloth pads each row to a
-multiple of 128 to bound them, unsloth/utils/attention_dispatch.py): ~170 ms the first time a
-batch holds a row of a new length bucket, on each process separately. Off, SDPA takes its flash kernel.
+BENCH_CUDNN_SDP=1: attention on cuDNN again, as the stage ran it before 2026-11-26. On H100 / H200
+torch's scaled_dot_product_attention picks cuDNN for training, which builds a plan for every new
+sequence length (unsloth pads each row to a multiple of 128 to bound them): ~170 ms the first time a
+batch holds a row of a new length bucket, on each process separately. The stage now turns it off
+for unsloth (stages.modeling.train_attention_without_cudnn); this is the comparison that rests on.
 
 BENCH_NO_STEP_SYNC=1: no waits for the GPU inside a step.
 
@@ -62,11 +63,12 @@ def defer_token_count() -> None:
 def main() -> None:
     import os
 
-    if os.environ.get("BENCH_NO_CUDNN_SDP"):
+    def cudnn_again() -> None:
         import torch
 
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    after_load = None
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+    steps = [cudnn_again] if os.environ.get("BENCH_CUDNN_SDP") else []
     if os.environ.get("BENCH_NO_STEP_SYNC"):
         configure = train_stage.sft_config
 
@@ -75,7 +77,13 @@ def main() -> None:
             config.logging_nan_inf_filter = False
             return config
 
-        train_stage.sft_config, after_load = without_nan_filter, defer_token_count
+        train_stage.sft_config = without_nan_filter
+        steps.append(defer_token_count)
+
+    def after_load() -> None:
+        for step in steps:
+            step()
+
     run_stage_as("benchmarks.trial_train", after_load)
 
 
