@@ -67,6 +67,7 @@ def main() -> None:
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(True)
+        print("benchmark trial: cuDNN attention back on", flush=True)
 
     steps = [cudnn_again] if os.environ.get("BENCH_CUDNN_SDP") else []
     if os.environ.get("BENCH_NO_STEP_SYNC"):

@@ -155,13 +155,14 @@ def train_attention_without_cudnn() -> None:
     separately, and DDP waits for the slowest. Measured with unsloth on 2 x H200, warmed, in
     A-B-B-A order (benchmarks/README.md, "Attention off cuDNN"): one GPU 2.7% faster in steady
     tokens/s and 13% over a 24-step session, two GPUs 7.3% and 18%; +0.12 GiB reserved on one GPU.
-    Other GPUs (A100, RTX 3090/4090) train on flash already, so there it changes nothing.
+    torch prefers cuDNN for training on data-center Hopper and Blackwell GPUs only; elsewhere it
+    already picks flash or memory-efficient attention, which this leaves as it is.
     """
     import torch
 
     if torch.backends.cuda.cudnn_sdp_enabled():
         torch.backends.cuda.enable_cudnn_sdp(False)
-        log.info("attention: flash, not cuDNN (no plan per new sequence length)")
+        log.info("attention: cuDNN off (on H100/H200 it builds a plan per new sequence length)")
 
 
 def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
