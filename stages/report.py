@@ -13,6 +13,7 @@ import math
 import os
 import re
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import yaml
@@ -139,7 +140,13 @@ def _change(tuned, base, delta: dict | None) -> tuple[str, bool | None]:
 
 
 def _quote(text) -> str:
-    return "<br>".join(str("(none)" if text is None else text).splitlines()).replace("|", "\\|")
+    """Text for one table cell: line breaks as <br>, "|" escaped, control characters as visible escapes.
+
+    A model's answer can hold anything its tokenizer decodes to, NUL and terminal escapes included:
+    raw, they make the report a binary file to grep and garble a terminal or a renderer.
+    """
+    text = "<br>".join(str("(none)" if text is None else text).splitlines()).replace("|", "\\|")
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and c != "\t" else c for c in text)
 
 
 def _short(value) -> str:

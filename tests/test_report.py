@@ -2,6 +2,7 @@
 
 import math
 import subprocess
+import unicodedata
 
 import pytest
 import yaml
@@ -124,6 +125,15 @@ def test_report_lists_the_most_improved_and_regressed_questions_in_order():
     assert "| reference | yes | reference q3 | |" in regressed
     assert "| 0.600 (+0.500) |\n\n#### q2: " in improved  # a blank line between two examples' tables
     assert "### Questions that changed" not in render(n_examples=0)
+
+
+def test_control_characters_in_an_answer_show_as_escapes_and_leave_the_report_text():
+    # A random or broken model can decode to NUL or a terminal escape: raw, grep calls the report a binary
+    # file and a terminal prints garbage; escaped, a reviewer sees what the model emitted.
+    records = [{**record("q1", 0.6, 0.1), "base_answer": "\x00시호흡\x1b[2J\tend\x7f"}]
+    text = report(QUALITY, QUALITY, DELTAS, records, info(50), IDENTITY, 1, 1000)
+    assert "| base | yes (0.93) | \\x00시호흡\\x1b[2J\tend\\x7f | 0.100 |" in text
+    assert not any(unicodedata.category(c) == "Cc" for c in text.replace("\n", "").replace("\t", ""))
 
 
 def test_confusion_matrices_of_both_models():
