@@ -27,7 +27,8 @@ offloaded activation reloaded during this layer's backward; on 2 with balancing)
 logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
 -cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26; the stage now
-turns it off for unsloth, stages.modeling.train_attention_without_cudnn).
+turns it off for unsloth, stages.modeling.train_attention_without_cudnn), -wholeblock (the same
+module: unsloth's offload host slots sized to whole pinned blocks, so a longer batch grows none).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Before anything is measured, one unmeasured run per process count warms the disk caches (Triton
@@ -67,7 +68,8 @@ PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next off
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
 CUDNN_SDP = {"BENCH_CUDNN_SDP": "1"}  # the same: attention on cuDNN again, with its plan per new sequence length
-TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP})  # any of them set: the run goes through trial_train
+WHOLE_BLOCK = {"BENCH_OFFLOAD_WHOLE_BLOCK": "1"}  # the same: offload host slots as large as their pinned block
+TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP, **WHOLE_BLOCK})  # any of them set: the run goes through trial_train
 KNOBS = (*{**BALANCED, **PREFETCH, **BF16_ALLREDUCE}, *TRIAL_KNOBS)  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
@@ -418,7 +420,13 @@ def main() -> None:
             (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
              CUDNN_SDP, True),
             (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
-             CUDNN_SDP, True)]
+             CUDNN_SDP, True),
+            ("unsloth-1proc-wholeblock", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), WHOLE_BLOCK, True),
+            (f"{many}-wholeblock", variant("unsloth", n, half, args.steps), WHOLE_BLOCK, True),
+            (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+             WHOLE_BLOCK, True),
+            (f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}",
+             variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), WHOLE_BLOCK, True)]
     chosen = parts_to_run(plan, args.only)
     if args.probe and any(key in env for _, _, env in chosen for key in TRIAL_KNOBS):
         parser.error("--probe runs benchmarks/probe_train.py, not the trials of benchmarks/trial_train.py: "
@@ -438,6 +446,8 @@ def main() -> None:
              (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
              (f"{many}-cudnn", "unsloth-1proc-cudnn"),
              (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}"),
+             (f"{many}-wholeblock", "unsloth-1proc-wholeblock"),
+             (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
     # a trial against the same run without it
@@ -445,7 +455,10 @@ def main() -> None:
               ("unsloth-1proc-nosync-log10", "unsloth-1proc"), (f"{many}-nosync-log10", many),
               ("unsloth-1proc-cudnn", "unsloth-1proc"), (f"{many}-cudnn", many),
               (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
-              (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
+              (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
+              ("unsloth-1proc-wholeblock", "unsloth-1proc"), (f"{many}-wholeblock", many),
+              (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
+              (f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
     results["order"] = []  # the keys in the order they ran (the file's keys are sorted)
     for round_, parts in rounds(chosen[::-1] if args.reverse else chosen, args.repeat):
         for name, overrides, env in parts:

@@ -8,6 +8,13 @@ sequence length (unsloth pads each row to a multiple of 128 to bound them): ~170
 batch holds a row of a new length bucket, on each process separately. The stage now turns it off
 for unsloth (stages.modeling.train_attention_without_cudnn); this is the comparison that rests on.
 
+BENCH_OFFLOAD_WHOLE_BLOCK=1: unsloth's offloaded activations kept in host slots as large as the
+pinned block torch allocates for them anyway (the caching host allocator rounds each up to a power
+of two). unsloth_zoo sizes each layer's slot to the largest activation so far and grows it, by a
+resize_ that takes a new block and copies the old contents, whenever a process meets more tokens
+than at any step before: exactly the slow steps of benchmarks/README.md ("What is left",
+benchmarks/rows_per_process.py). With whole blocks a slot grows only past a power of two.
+
 BENCH_NO_STEP_SYNC=1: no waits for the GPU inside a step.
 
 transformers 5.17's training loop makes the host wait for the GPU twice right after every
@@ -60,6 +67,19 @@ def defer_token_count() -> None:
     Trainer._track_num_input_tokens, Trainer._maybe_log_save_evaluate = track, log_save_evaluate
 
 
+def whole_pinned_blocks(module=None) -> None:
+    """Size unsloth_zoo's offload host slots to whole pinned blocks (BENCH_OFFLOAD_WHOLE_BLOCK)."""
+    if module is None:
+        from unsloth_zoo import gradient_checkpointing as module
+    new, grow, block_bytes = module._new_host_buffer, module._grow_host_buffer, module._pinned_block_bytes
+
+    def whole(numel: int, dtype) -> int:
+        return max(numel, block_bytes(numel * dtype.itemsize) // dtype.itemsize)
+
+    module._new_host_buffer = lambda numel, dtype: new(whole(numel, dtype), dtype)
+    module._grow_host_buffer = lambda buffer, new_size: grow(buffer, whole(new_size, buffer.dtype))
+
+
 def main() -> None:
     import os
 
@@ -70,6 +90,8 @@ def main() -> None:
         print("benchmark trial: cuDNN attention back on", flush=True)
 
     steps = [cudnn_again] if os.environ.get("BENCH_CUDNN_SDP") else []
+    if os.environ.get("BENCH_OFFLOAD_WHOLE_BLOCK"):
+        steps.append(whole_pinned_blocks)
     if os.environ.get("BENCH_NO_STEP_SYNC"):
         configure = train_stage.sft_config
 

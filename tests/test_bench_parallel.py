@@ -1,15 +1,22 @@
 """The several-GPU benchmark's own arithmetic, on the CPU: what it reads from the train stage's log
 and how it splits step time. Its GPU numbers (benchmarks/README.md) are only as right as these."""
 
+import json
 import logging
+import subprocess
+import sys
+import types
 
 import pytest
+import torch
 from transformers import TrainerState
 
+from benchmarks import rows_per_process, trial_train
 from benchmarks.bench_parallel import (late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds, step_fit,
                                       step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks
+from tools.smoke import ROOT
 
 
 def test_the_benchmark_reads_each_steps_tokens_and_seconds_from_the_stage_log(tmp_path, caplog, monkeypatch):
@@ -88,3 +95,44 @@ def test_speedups_compare_each_parts_mean_over_its_rounds_and_skip_failed_runs()
     means = mean_by_part(train, "steady")
     assert means == {"one": 105.0, "two": 180.0}
     assert ratios(means, [("two", "one"), ("three", "one")]) == {"two / one": round(180 / 105, 3)}
+
+
+def test_rows_per_process_marks_each_processes_new_high_water_mark(tmp_path):
+    for rank, rows in ((0, [[3, 4], [5], [9], [2], [1, 1]]), (1, [[6], [7], [8], [9], [9]])):
+        (tmp_path / rows_per_process.ROWS_FILE.format(rank=rank)).write_text(
+            "".join(json.dumps({"step": step, "lengths": lengths}) + "\n"
+                    for step, lengths in zip((1, 1, 2, 3, 4), rows)), encoding="utf-8")  # step 1: two forward passes
+    per_step = rows_per_process.tokens_per_process(tmp_path, 2)
+    assert per_step == [[12, 13], [9, 8], [2, 9], [2, 9]]
+    assert rows_per_process.new_highs(per_step) == [[0, 1], [], [], []]
+    assert rows_per_process.new_highs([[5, 5], [6, 4], [6, 7], [7, 7]]) == [[0, 1], [0], [1], [0]]
+
+
+def test_rows_per_process_records_the_rows_each_process_trained_on(tmp_path):
+    # Two CPU processes: the tokens recorded per process add up, step by step, to what the stage itself
+    # counted and logged (the numbers the GPU runs' slow steps are matched against).
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.rows_per_process", "--out", str(out), "--processes", "2",
+                    "--per-device", "2", "--steps", "3", "--rows", "40", "--work-dir", str(tmp_path / "work")],
+                   cwd=ROOT, check=True, capture_output=True)
+    steps = json.loads(out.read_text(encoding="utf-8"))["steps"]
+    logged = {s["step"]: s["tokens"] for s in step_times(tmp_path / "work/2x2/train.log")["steps"]}
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(len(s["per_process"]) == 2 for s in steps)
+    assert all(min(s["per_process"]) > 0 and sum(s["per_process"]) == s["tokens"] for s in steps)
+    assert {step: s["tokens"] for step, s in enumerate(steps, start=1) if step in logged} == logged
+    assert steps[0]["new_high"] == [0, 1]
+
+
+def test_whole_block_trial_asks_unsloth_for_the_whole_pinned_block(monkeypatch):
+    calls = []
+    module = types.SimpleNamespace(
+        _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
+        _new_host_buffer=lambda numel, dtype: calls.append(("new", numel)) or torch.empty(numel, dtype=dtype),
+        _grow_host_buffer=lambda buffer, new_size: calls.append(("grow", new_size)) or torch.empty(new_size,
+                                                                                                   dtype=buffer.dtype))
+    trial_train.whole_pinned_blocks(module)
+    first = module._new_host_buffer(5_000, torch.bfloat16)  # 10,000 bytes: torch pins a 16,384-byte block
+    grown = module._grow_host_buffer(first, 9_000)  # 18,000 bytes: a 32,768-byte block
+    module._new_host_buffer(4_096, torch.float32)  # exactly a block already
+    assert calls == [("new", 8_192), ("grow", 16_384), ("new", 4_096)]
+    assert first.numel() == 8_192 and grown.numel() == 16_384

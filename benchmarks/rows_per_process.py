@@ -1,0 +1,120 @@
+"""Each process's tokens at every optimizer step of bench_parallel's runs, reproduced on the CPU.
+
+    python -m benchmarks.rows_per_process --out R.json [--processes 2] [--per-device 6] [--steps 24]
+        [--gpu-log train.log ...]
+
+bench_parallel trains the 8B-shaped model (benchmarks/random_llama.py) on 500 synthetic rows
+tokenised by tools/tiny_model's tokenizer. The tiny test model has that same tokenizer, so the train
+stage run here on the CPU, with the same data, params and seed, deals the same rows to the same
+processes at every step: the step totals agree with the GPU logs' to the token (checked on
+2026-11-26). Each process records its rows' non-padding lengths (padding-free on the GPU, a process
+trains on their sum). Per step this writes each process's tokens, and which processes hold more
+tokens than at any step before (a new high-water mark), beside the step seconds of GPU runs' logs
+(`--gpu-log`, rank 0's train.log of a bench_parallel run with the same processes and rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RECORD = "BENCH_RECORD_ROWS"  # set: this module is the train stage, recording its rows
+ROWS_FILE = "rows-rank{rank}.jsonl"
+
+
+def record_rows() -> None:
+    """Wrap the Trainer's token count, which sees every batch of this process, to write its rows' lengths."""
+    from transformers import Trainer
+
+    track, rank = Trainer._track_num_input_tokens, int(os.environ.get("RANK", "0"))
+
+    def track_and_record(self, inputs):
+        mask = inputs.get("attention_mask")
+        lengths = mask.sum(dim=1).tolist() if mask is not None else [int(inputs["input_ids"].shape[1])]
+        with open(ROWS_FILE.format(rank=rank), "a", encoding="utf-8") as out:
+            out.write(json.dumps({"step": self.state.global_step + 1, "lengths": lengths}) + "\n")
+        return track(self, inputs)
+
+    Trainer._track_num_input_tokens = track_and_record
+
+
+def tokens_per_process(workspace: Path, processes: int) -> list[list[int]]:
+    """[step][process] tokens, from the rows files (accumulated forward passes of a step summed)."""
+    steps: dict[int, list[int]] = {}
+    for rank in range(processes):
+        for line in (workspace / ROWS_FILE.format(rank=rank)).read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            steps.setdefault(entry["step"], [0] * processes)[rank] += sum(entry["lengths"])
+    return [steps[step] for step in sorted(steps)]
+
+
+def new_highs(per_step: list[list[int]]) -> list[list[int]]:
+    """Per step, the processes that hold more tokens than they did at any earlier step (step 1: all)."""
+    highest, marks = [0] * (len(per_step[0]) if per_step else 0), []
+    for tokens in per_step:
+        marks.append([rank for rank, count in enumerate(tokens) if count > highest[rank]])
+        highest = [max(h, count) for h, count in zip(highest, tokens)]
+    return marks
+
+
+def main() -> None:
+    if os.environ.get(RECORD):
+        from benchmarks.probe_train import run_stage_as
+
+        run_stage_as("benchmarks.rows_per_process", record_rows)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--per-device", type=int, default=6, help="rows per process and forward pass")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=500)
+    parser.add_argument("--gpu-log", type=Path, nargs="*", default=[], help="GPU runs' train.log, for step seconds")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "rows-per-process")
+    args = parser.parse_args()
+
+    from benchmarks.bench import synthetic_records
+    from benchmarks.bench_parallel import step_times
+    from benchmarks.run_stages import prepare_workspace, run_stages
+    from stages.outputs import dumps_json, write_json, write_text
+    from tools.smoke import ROOT
+    from tools.tiny_model import build_tiny_model
+
+    work = args.work_dir.resolve()
+    model = work / "tiny-model"
+    if not (model / "config.json").exists():
+        build_tiny_model(model)
+    os.chdir(ROOT)  # synthetic_records reads the sample data from the checkout
+    records, _ = synthetic_records(model, args.rows)
+    data = work / "synthetic_pubmedqa_ko.json"
+    write_text(data, dumps_json(records))
+    workspace = work / f"{args.processes}x{args.per_device}"
+    shutil.rmtree(workspace, ignore_errors=True)  # no rows or checkpoint of an earlier run
+    prepare_workspace(workspace, {
+        "data.source": str(data), "model.name": str(model), "model.base_16bit": str(model),
+        "model.load_in_4bit": False, "model.backend": "transformers", "eval.rouge_tokenizer": "char",
+        "train.eval_steps": 1000, "train.save_steps": 1000, "train.max_steps": args.steps,
+        "train.num_processes": args.processes, "train.per_device_train_batch_size": args.per_device})
+    run_stages(workspace, ["prepare"], workspace / "prepare.log")
+    os.environ[RECORD] = "1"
+    run_stages(workspace, ["benchmarks.rows_per_process"], workspace / "train.log")  # exits if the stage fails
+    per_step = tokens_per_process(workspace, args.processes)
+    seconds = [{entry["step"]: entry["seconds"] for entry in step_times(log)["steps"]} for log in args.gpu_log]
+    steps = [{"step": step, "tokens": sum(tokens), "per_process": tokens, "new_high": high,
+              "gpu_seconds": [run.get(step) for run in seconds]}
+             for step, (tokens, high) in enumerate(zip(per_step, new_highs(per_step)), start=1)]
+    write_json(args.out, {"processes": args.processes, "per_device": args.per_device, "rows": args.rows,
+                          "gpu_logs": [str(log) for log in args.gpu_log], "steps": steps})
+    for entry in steps:
+        print(f"step {entry['step']:3d}: {entry['tokens']:6,} tokens, per process "
+              f"{' / '.join(f'{t:,}' for t in entry['per_process'])}"
+              f"{'  new high: ' + ', '.join(map(str, entry['new_high'])) if entry['new_high'] else ''}"
+              f"{'  GPU s: ' + ' '.join(str(s) for s in entry['gpu_seconds']) if seconds else ''}")
+
+
+if __name__ == "__main__":
+    main()
