@@ -28,7 +28,7 @@ logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/tr
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
 -cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26; the stage now
 turns it off for unsloth, stages.modeling.train_attention_without_cudnn), -wholeblock (the same
-module: unsloth's offload host slots sized to whole pinned blocks, so a longer batch grows none).
+module: unsloth's offload host slots sized to whole pinned blocks, grown only past a power of two).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Before anything is measured, one unmeasured run per process count warms the disk caches (Triton

@@ -10,7 +10,10 @@ processes at every step: the step totals agree with the GPU logs' to the token (
 2026-11-26). Each process records its rows' non-padding lengths (padding-free on the GPU, a process
 trains on their sum). Per step this writes each process's tokens, and which processes hold more
 tokens than at any step before (a new high-water mark), beside the step seconds of GPU runs' logs
-(`--gpu-log`, rank 0's train.log of a bench_parallel run with the same processes and rows).
+(`--gpu-log`, rank 0's train.log of a bench_parallel run with the same processes and rows per
+device and one forward pass per step). A log whose step totals differ from the replay's is refused:
+its run had other data or params. Only the totals can be checked so; the split between processes
+follows from the same sampler and is not in the GPU logs.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def record_rows() -> None:
 
     def track_and_record(self, inputs):
         mask = inputs.get("attention_mask")
-        lengths = mask.sum(dim=1).tolist() if mask is not None else [int(inputs["input_ids"].shape[1])]
+        if mask is None:  # the CPU replay pads each batch and masks the padding; anything else is not replayed
+            raise RuntimeError("rows_per_process: a batch without an attention mask")
+        lengths = mask.sum(dim=1).tolist()
         with open(ROWS_FILE.format(rank=rank), "a", encoding="utf-8") as out:
             out.write(json.dumps({"step": self.state.global_step + 1, "lengths": lengths}) + "\n")
         return track(self, inputs)
@@ -42,23 +47,36 @@ def record_rows() -> None:
     Trainer._track_num_input_tokens = track_and_record
 
 
-def tokens_per_process(workspace: Path, processes: int) -> list[list[int]]:
-    """[step][process] tokens, from the rows files (accumulated forward passes of a step summed)."""
+def tokens_per_process(workspace: Path, processes: int) -> dict[int, list[int]]:
+    """{step: [tokens of each process]}, from the rows files (the forward passes of a step summed)."""
     steps: dict[int, list[int]] = {}
     for rank in range(processes):
         for line in (workspace / ROWS_FILE.format(rank=rank)).read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
             steps.setdefault(entry["step"], [0] * processes)[rank] += sum(entry["lengths"])
-    return [steps[step] for step in sorted(steps)]
+    return dict(sorted(steps.items()))
 
 
-def new_highs(per_step: list[list[int]]) -> list[list[int]]:
-    """Per step, the processes that hold more tokens than they did at any earlier step (step 1: all)."""
-    highest, marks = [0] * (len(per_step[0]) if per_step else 0), []
-    for tokens in per_step:
-        marks.append([rank for rank, count in enumerate(tokens) if count > highest[rank]])
+def new_highs(per_step: dict[int, list[int]]) -> dict[int, list[int]]:
+    """{step: the processes that hold more tokens than at any earlier step} (the first step: all)."""
+    highest, marks = None, {}
+    for step, tokens in per_step.items():
+        highest = highest or [0] * len(tokens)
+        marks[step] = [rank for rank, count in enumerate(tokens) if count > highest[rank]]
         highest = [max(h, count) for h, count in zip(highest, tokens)]
     return marks
+
+
+def gpu_seconds(per_step: dict[int, list[int]], logs: dict[str, list[dict]]) -> dict[int, list[float | None]]:
+    """{step: each GPU log's seconds for it}; a log whose tokens at some step differ from the replay's is refused."""
+    for name, steps in logs.items():
+        for entry in steps:
+            replayed = sum(per_step.get(entry["step"], [0]))
+            if entry["tokens"] != replayed:
+                raise SystemExit(f"{name}: step {entry['step']} trained {entry['tokens']:,} tokens, the replay "
+                                 f"{replayed:,}: that run had other data, rows per device or params")
+    by_log = [{entry["step"]: entry["seconds"] for entry in steps} for steps in logs.values()]
+    return {step: [seconds.get(step) for seconds in by_log] for step in per_step}
 
 
 def main() -> None:
@@ -84,10 +102,10 @@ def main() -> None:
     from tools.smoke import ROOT
     from tools.tiny_model import build_tiny_model
 
-    work = args.work_dir.resolve()
+    out, logs, work = args.out.resolve(), [log.resolve() for log in args.gpu_log], args.work_dir.resolve()
     model = work / "tiny-model"
-    if not (model / "config.json").exists():
-        build_tiny_model(model)
+    shutil.rmtree(model, ignore_errors=True)  # built afresh: the tokenizer must be this checkout's
+    build_tiny_model(model)
     os.chdir(ROOT)  # synthetic_records reads the sample data from the checkout
     records, _ = synthetic_records(model, args.rows)
     data = work / "synthetic_pubmedqa_ko.json"
@@ -98,23 +116,23 @@ def main() -> None:
         "data.source": str(data), "model.name": str(model), "model.base_16bit": str(model),
         "model.load_in_4bit": False, "model.backend": "transformers", "eval.rouge_tokenizer": "char",
         "train.eval_steps": 1000, "train.save_steps": 1000, "train.max_steps": args.steps,
-        "train.num_processes": args.processes, "train.per_device_train_batch_size": args.per_device})
+        "train.num_processes": args.processes, "train.per_device_train_batch_size": args.per_device,
+        "train.gradient_accumulation_steps": 1})  # unsloth's offload slots hold one forward pass
     run_stages(workspace, ["prepare"], workspace / "prepare.log")
     os.environ[RECORD] = "1"
     run_stages(workspace, ["benchmarks.rows_per_process"], workspace / "train.log")  # exits if the stage fails
     per_step = tokens_per_process(workspace, args.processes)
-    seconds = [{entry["step"]: entry["seconds"] for entry in step_times(log)["steps"]} for log in args.gpu_log]
-    steps = [{"step": step, "tokens": sum(tokens), "per_process": tokens, "new_high": high,
-              "gpu_seconds": [run.get(step) for run in seconds]}
-             for step, (tokens, high) in enumerate(zip(per_step, new_highs(per_step)), start=1)]
-    write_json(args.out, {"processes": args.processes, "per_device": args.per_device, "rows": args.rows,
-                          "gpu_logs": [str(log) for log in args.gpu_log], "steps": steps})
+    seconds = gpu_seconds(per_step, {str(log): step_times(log)["steps"] for log in logs})
+    highs = new_highs(per_step)
+    steps = [{"step": step, "tokens": sum(tokens), "per_process": tokens, "new_high": highs[step],
+              "gpu_seconds": seconds[step]} for step, tokens in per_step.items()]
+    write_json(out, {"processes": args.processes, "per_device": args.per_device, "rows": args.rows,
+                     "gpu_logs": [str(log) for log in logs], "steps": steps})
     for entry in steps:
         print(f"step {entry['step']:3d}: {entry['tokens']:6,} tokens, per process "
               f"{' / '.join(f'{t:,}' for t in entry['per_process'])}"
               f"{'  new high: ' + ', '.join(map(str, entry['new_high'])) if entry['new_high'] else ''}"
-              f"{'  GPU s: ' + ' '.join(str(s) for s in entry['gpu_seconds']) if seconds else ''}")
-
+              f"{'  GPU s: ' + ' '.join(str(s) for s in entry['gpu_seconds']) if logs else ''}")
 
 if __name__ == "__main__":
     main()

@@ -78,6 +78,7 @@ def whole_pinned_blocks(module=None) -> None:
 
     module._new_host_buffer = lambda numel, dtype: new(whole(numel, dtype), dtype)
     module._grow_host_buffer = lambda buffer, new_size: grow(buffer, whole(new_size, buffer.dtype))
+    print("benchmark trial: unsloth's offload host slots sized to whole pinned blocks", flush=True)
 
 
 def main() -> None:

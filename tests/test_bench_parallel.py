@@ -101,29 +101,44 @@ def test_rows_per_process_marks_each_processes_new_high_water_mark(tmp_path):
     for rank, rows in ((0, [[3, 4], [5], [9], [2], [1, 1]]), (1, [[6], [7], [8], [9], [9]])):
         (tmp_path / rows_per_process.ROWS_FILE.format(rank=rank)).write_text(
             "".join(json.dumps({"step": step, "lengths": lengths}) + "\n"
-                    for step, lengths in zip((1, 1, 2, 3, 4), rows)), encoding="utf-8")  # step 1: two forward passes
+                    for step, lengths in zip((1, 1, 2, 3, 5), rows)), encoding="utf-8")  # step 1: two passes
     per_step = rows_per_process.tokens_per_process(tmp_path, 2)
-    assert per_step == [[12, 13], [9, 8], [2, 9], [2, 9]]
-    assert rows_per_process.new_highs(per_step) == [[0, 1], [], [], []]
-    assert rows_per_process.new_highs([[5, 5], [6, 4], [6, 7], [7, 7]]) == [[0, 1], [0], [1], [0]]
+    assert per_step == {1: [12, 13], 2: [9, 8], 3: [2, 9], 5: [2, 9]}  # a step's number is kept, not recounted
+    assert rows_per_process.new_highs(per_step) == {1: [0, 1], 2: [], 3: [], 5: []}
+    assert rows_per_process.new_highs({1: [5, 5], 2: [6, 4], 3: [6, 7], 4: [7, 7]}) == {1: [0, 1], 2: [0], 3: [1],
+                                                                                         4: [0]}
+
+
+def test_rows_per_process_pairs_gpu_seconds_only_with_a_log_of_the_same_rows():
+    per_step = {1: [5, 6], 2: [7, 4], 3: [6, 6]}
+    same = [{"step": 2, "tokens": 11, "seconds": 0.9}, {"step": 3, "tokens": 12, "seconds": 0.6}]
+    assert rows_per_process.gpu_seconds(per_step, {"a": same, "b": same[1:]}) == {1: [None, None], 2: [0.9, None],
+                                                                                   3: [0.6, 0.6]}
+    with pytest.raises(SystemExit, match="other.log: step 3 trained 13 tokens, the replay 12"):
+        rows_per_process.gpu_seconds(per_step, {"other.log": [same[0], {**same[1], "tokens": 13}]})
 
 
 def test_rows_per_process_records_the_rows_each_process_trained_on(tmp_path):
     # Two CPU processes: the tokens recorded per process add up, step by step, to what the stage itself
-    # counted and logged (the numbers the GPU runs' slow steps are matched against).
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.rows_per_process", "--out", str(out), "--processes", "2",
-                    "--per-device", "2", "--steps", "3", "--rows", "40", "--work-dir", str(tmp_path / "work")],
-                   cwd=ROOT, check=True, capture_output=True)
+    # counted and logged (the numbers the GPU runs' slow steps are matched against); the stage's own log
+    # passes as a GPU log of the same rows.
+    out, log = tmp_path / "rows.json", tmp_path / "work/2x2/train.log"
+    command = [sys.executable, "-m", "benchmarks.rows_per_process", "--out", str(out), "--processes", "2",
+               "--per-device", "2", "--steps", "3", "--rows", "40", "--work-dir", str(tmp_path / "work")]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     steps = json.loads(out.read_text(encoding="utf-8"))["steps"]
-    logged = {s["step"]: s["tokens"] for s in step_times(tmp_path / "work/2x2/train.log")["steps"]}
-    assert [s["step"] for s in steps] == [1, 2, 3] and all(len(s["per_process"]) == 2 for s in steps)
-    assert all(min(s["per_process"]) > 0 and sum(s["per_process"]) == s["tokens"] for s in steps)
-    assert {step: s["tokens"] for step, s in enumerate(steps, start=1) if step in logged} == logged
-    assert steps[0]["new_high"] == [0, 1]
+    logged = {s["step"]: s for s in step_times(log)["steps"]}
+    assert set(logged) == {2, 3} and [s["step"] for s in steps] == [1, 2, 3]
+    assert all(len(s["per_process"]) == 2 and min(s["per_process"]) > 0 for s in steps)
+    assert [s["tokens"] for s in steps[1:]] == [logged[2]["tokens"], logged[3]["tokens"]]
+    rerun = subprocess.run([*command, "--gpu-log", str(log.rename(tmp_path / "gpu.log"))], cwd=ROOT, check=True,
+                           capture_output=True)
+    steps = json.loads(out.read_text(encoding="utf-8"))["steps"]
+    assert [s["gpu_seconds"] for s in steps] == [[None], [logged[2]["seconds"]], [logged[3]["seconds"]]]
+    assert "GPU s:" in rerun.stdout.decode()
 
 
-def test_whole_block_trial_asks_unsloth_for_the_whole_pinned_block(monkeypatch):
+def test_whole_block_trial_asks_unsloth_for_the_whole_pinned_block():
     calls = []
     module = types.SimpleNamespace(
         _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
