@@ -76,6 +76,21 @@ LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
 
 
+def synthetic_data(work: Path, model_dir: Path, rows: int) -> tuple[dict, dict]:
+    """The synthetic rows written under `work` for the model's tokenizer: the params every run shares
+    (4-bit; validation and checkpoints kept out of the timed loop) and the rows' estimated lengths."""
+    from stages.outputs import dumps_json, write_text
+
+    records, lengths = synthetic_records(model_dir, rows)
+    data_file = work / "synthetic_pubmedqa_ko.json"
+    write_text(data_file, dumps_json(records))
+    no_eval_or_save = 1000
+    common = {"data.source": str(data_file), "model.name": str(model_dir), "model.base_16bit": str(model_dir),
+              "model.load_in_4bit": True, "eval.rouge_tokenizer": "char", "train.eval_steps": no_eval_or_save,
+              "train.save_steps": no_eval_or_save}
+    return common, lengths
+
+
 def variant_params(common: dict, backend: str, processes: int, per_device: int, steps: int,
                    accumulation: int = 1) -> dict:
     return {**common, "model.backend": backend, "train.num_processes": processes, "train.max_steps": steps,
@@ -361,7 +376,7 @@ def main() -> None:
 
     import torch
 
-    from stages.outputs import dumps_json, write_json, write_text
+    from stages.outputs import write_json
 
     n = args.processes
     if EFFECTIVE_BATCH % n:
@@ -373,14 +388,8 @@ def main() -> None:
     results["model"] = timed(model_info, model_dir, args.layers, "cuda", False)
     gc.collect()
     torch.cuda.empty_cache()
-    records, lengths = synthetic_records(model_dir, args.rows)
-    data_file = work / "synthetic_pubmedqa_ko.json"
-    write_text(data_file, dumps_json(records))
+    common, lengths = synthetic_data(work, model_dir, args.rows)
     results["data"] = {"rows": args.rows, "estimated_tokens": lengths}
-    no_eval_or_save = 1000  # neither runs inside the timed loop
-    common = {"data.source": str(data_file), "model.name": str(model_dir), "model.base_16bit": str(model_dir),
-              "model.load_in_4bit": True, "eval.rouge_tokenizer": "char", "train.eval_steps": no_eval_or_save,
-              "train.save_steps": no_eval_or_save}
     template = work / "prepared"
     shutil.rmtree(template, ignore_errors=True)
     prepare_workspace(template, common)

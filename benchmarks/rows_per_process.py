@@ -95,10 +95,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "rows-per-process")
     args = parser.parse_args()
 
-    from benchmarks.bench import synthetic_records
-    from benchmarks.bench_parallel import step_times
+    from benchmarks.bench_parallel import step_times, synthetic_data, variant_params
     from benchmarks.run_stages import prepare_workspace, run_stages
-    from stages.outputs import dumps_json, write_json, write_text
+    from stages.outputs import write_json
     from tools.smoke import ROOT
     from tools.tiny_model import build_tiny_model
 
@@ -106,18 +105,13 @@ def main() -> None:
     model = work / "tiny-model"
     shutil.rmtree(model, ignore_errors=True)  # built afresh: the tokenizer must be this checkout's
     build_tiny_model(model)
-    os.chdir(ROOT)  # synthetic_records reads the sample data from the checkout
-    records, _ = synthetic_records(model, args.rows)
-    data = work / "synthetic_pubmedqa_ko.json"
-    write_text(data, dumps_json(records))
+    os.chdir(ROOT)  # synthetic_data reads the sample data from the checkout
+    common, _ = synthetic_data(work, model, args.rows)
     workspace = work / f"{args.processes}x{args.per_device}"
     shutil.rmtree(workspace, ignore_errors=True)  # no rows or checkpoint of an earlier run
-    prepare_workspace(workspace, {
-        "data.source": str(data), "model.name": str(model), "model.base_16bit": str(model),
-        "model.load_in_4bit": False, "model.backend": "transformers", "eval.rouge_tokenizer": "char",
-        "train.eval_steps": 1000, "train.save_steps": 1000, "train.max_steps": args.steps,
-        "train.num_processes": args.processes, "train.per_device_train_batch_size": args.per_device,
-        "train.gradient_accumulation_steps": 1})  # unsloth's offload slots hold one forward pass
+    # bench_parallel's params, on the CPU; one forward pass a step, as unsloth's offload slots hold one
+    prepare_workspace(workspace, variant_params({**common, "model.load_in_4bit": False}, "transformers",
+                                                args.processes, args.per_device, args.steps))
     run_stages(workspace, ["prepare"], workspace / "prepare.log")
     os.environ[RECORD] = "1"
     run_stages(workspace, ["benchmarks.rows_per_process"], workspace / "train.log")  # exits if the stage fails
