@@ -147,7 +147,7 @@ def load_for_training(model_params, lora_params, gradient_checkpointing: bool, s
 
 
 def train_attention_without_cudnn() -> None:
-    """Training attention on flash, never on cuDNN.
+    """Training attention never on cuDNN.
 
     On H100 / H200 torch's scaled_dot_product_attention picks cuDNN for training, and cuDNN
     builds a plan for every new sequence length (unsloth pads each row to a multiple of 128 to
