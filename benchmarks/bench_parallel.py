@@ -28,7 +28,9 @@ logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/tr
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
 -cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26; the stage now
 turns it off for unsloth, stages.modeling.train_attention_without_cudnn), -wholeblock (the same
-module: unsloth's offload host slots sized to whole pinned blocks, grown only past a power of two).
+module: unsloth's offload host slots sized to whole pinned blocks, grown only past a power of two),
+-timed (the same module: each host slot's creation and growth timed, per step and rank in
+"host_slots"; -wholeblock runs are timed too).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Before anything is measured, one unmeasured run per process count warms the disk caches (Triton
@@ -68,12 +70,14 @@ PREFETCH = {"UNSLOTH_GC_PREFETCH": "1"}  # unsloth's opt-in: reload the next off
 BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradients all-reduced in bf16
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
 CUDNN_SDP = {"BENCH_CUDNN_SDP": "1"}  # the same: attention on cuDNN again, with its plan per new sequence length
-WHOLE_BLOCK = {"BENCH_OFFLOAD_WHOLE_BLOCK": "1"}  # the same: offload host slots as large as their pinned block
+TIMED_SLOTS = {"BENCH_TIME_HOST_SLOTS": "1"}  # the same: each offload host slot's creation and growth timed
+WHOLE_BLOCK = {"BENCH_OFFLOAD_WHOLE_BLOCK": "1", **TIMED_SLOTS}  # the same: host slots as large as their pinned block
 TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP, **WHOLE_BLOCK})  # any of them set: the run goes through trial_train
 KNOBS = (*{**BALANCED, **PREFETCH, **BF16_ALLREDUCE}, *TRIAL_KNOBS)  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
+SLOT_LINE = re.compile(r"benchmark trial: host slot rank (\d+) (new|grown) [\d.]+ -> [\d.]+ MiB in ([\d.]+) ms")
 
 
 def synthetic_data(work: Path, model_dir: Path, rows: int) -> tuple[dict, dict]:
@@ -153,6 +157,27 @@ def step_times(log_file: Path) -> dict:
     text = log_file.read_text(encoding="utf-8", errors="replace")
     return {"steps": [{"step": int(m.group(1)), "seconds": float(m.group(3)), "tokens": int(m.group(2).replace(",", ""))}
                       for m in STEP_LINE.finditer(text)]}
+
+
+def host_slot_times(log_file: Path) -> list[dict]:
+    """Per step and rank, the offload host slots made or grown (benchmarks/trial_train.py, BENCH_TIME_HOST_SLOTS).
+
+    Each slot line counts toward the first step logged after it; -timed and -wholeblock runs log them.
+    """
+    text, found, step = log_file.read_text(encoding="utf-8", errors="replace"), {}, None
+    events = sorted([(m.start(), "step", int(m.group(1)), None, 0.0) for m in STEP_LINE.finditer(text)]
+                    + [(m.start(), m.group(2), None, int(m.group(1)), float(m.group(3))) for m in SLOT_LINE.finditer(text)])
+    pending = []
+    for _, kind, number, rank, ms in events:
+        if kind == "step":
+            for rank_, kind_, ms_ in pending:
+                entry = found.setdefault((number, rank_), {"step": number, "rank": rank_, "new": 0, "grown": 0, "ms": 0.0})
+                entry[kind_] += 1
+                entry["ms"] = round(entry["ms"] + ms_, 2)
+            pending = []
+        else:
+            pending.append((rank, kind, ms))
+    return [found[key] for key in sorted(found)]
 
 
 def step_fit(steps: list[dict], skip: int = 2) -> dict:
@@ -294,6 +319,7 @@ def train_variant(workspace: Path, template: Path, overrides: dict, flops_per_to
         "losses": losses(workspace),
         "stage_seconds": next(iter(seconds.values())),
         **({"probe": probe_results(workspace)} if probe else {}),
+        **({"host_slots": host_slot_times(log_file)} if any(os.environ.get(key) for key in TIMED_SLOTS) else {}),
         **per_step,
     }
 
@@ -430,6 +456,8 @@ def main() -> None:
              CUDNN_SDP, True),
             (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n),
              CUDNN_SDP, True),
+            ("unsloth-1proc-timed", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), TIMED_SLOTS, True),
+            (f"{many}-timed", variant("unsloth", n, half, args.steps), TIMED_SLOTS, True),
             ("unsloth-1proc-wholeblock", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), WHOLE_BLOCK, True),
             (f"{many}-wholeblock", variant("unsloth", n, half, args.steps), WHOLE_BLOCK, True),
             (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
@@ -455,7 +483,7 @@ def main() -> None:
              (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
              (f"{many}-cudnn", "unsloth-1proc-cudnn"),
              (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}"),
-             (f"{many}-wholeblock", "unsloth-1proc-wholeblock"),
+             (f"{many}-timed", "unsloth-1proc-timed"), (f"{many}-wholeblock", "unsloth-1proc-wholeblock"),
              (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
@@ -465,6 +493,8 @@ def main() -> None:
               ("unsloth-1proc-cudnn", "unsloth-1proc"), (f"{many}-cudnn", many),
               (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
               (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
+              ("unsloth-1proc-timed", "unsloth-1proc"), (f"{many}-timed", many),
+              ("unsloth-1proc-wholeblock", "unsloth-1proc-timed"), (f"{many}-wholeblock", f"{many}-timed"),
               ("unsloth-1proc-wholeblock", "unsloth-1proc"), (f"{many}-wholeblock", many),
               (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
               (f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]

@@ -15,6 +15,9 @@ resize_ that takes a new block and copies the old contents, whenever a process m
 than at any step before: exactly the slow steps of benchmarks/README.md ("What is left",
 benchmarks/rows_per_process.py). With whole blocks a slot grows only past a power of two.
 
+BENCH_TIME_HOST_SLOTS=1: each creation and growth of one of those host slots is timed and logged
+("benchmark trial: host slot ..."), so bench_parallel can say how much of each step it took.
+
 BENCH_NO_STEP_SYNC=1: no waits for the GPU inside a step.
 
 transformers 5.17's training loop makes the host wait for the GPU twice right after every
@@ -81,6 +84,31 @@ def whole_pinned_blocks(module=None) -> None:
     print("benchmark trial: unsloth's offload host slots sized to whole pinned blocks", flush=True)
 
 
+def time_host_slots(module=None) -> None:
+    """Log how long each of unsloth_zoo's offload host slots takes to be made or grown (BENCH_TIME_HOST_SLOTS)."""
+    import os
+    import time
+
+    if module is None:
+        from unsloth_zoo import gradient_checkpointing as module
+    rank, mib = os.environ.get("LOCAL_RANK", "0"), 1 << 20
+
+    def timed(function, what):
+        def call(*args):
+            before = args[0].untyped_storage().nbytes() if what == "grown" else 0  # resize_ grows it in place
+            start = time.perf_counter()
+            buffer = function(*args)
+            print(f"benchmark trial: host slot rank {rank} {what} {before / mib:.1f} -> "
+                  f"{buffer.untyped_storage().nbytes() / mib:.1f} MiB in {(time.perf_counter() - start) * 1000:.2f} ms",
+                  flush=True)
+            return buffer
+        return call
+
+    module._new_host_buffer = timed(module._new_host_buffer, "new")
+    module._grow_host_buffer = timed(module._grow_host_buffer, "grown")
+    print("benchmark trial: unsloth's offload host slots timed", flush=True)
+
+
 def main() -> None:
     import os
 
@@ -93,6 +121,8 @@ def main() -> None:
     steps = [cudnn_again] if os.environ.get("BENCH_CUDNN_SDP") else []
     if os.environ.get("BENCH_OFFLOAD_WHOLE_BLOCK"):
         steps.append(whole_pinned_blocks)
+    if os.environ.get("BENCH_TIME_HOST_SLOTS"):
+        steps.append(time_host_slots)  # after whole_pinned_blocks: the time includes what it changes
     if os.environ.get("BENCH_NO_STEP_SYNC"):
         configure = train_stage.sft_config
 

@@ -12,8 +12,8 @@ import torch
 from transformers import TrainerState
 
 from benchmarks import rows_per_process, trial_train
-from benchmarks.bench_parallel import (late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds, step_fit,
-                                      step_times, warmup_parts)
+from benchmarks.bench_parallel import (host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds,
+                                      step_fit, step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks
 from tools.smoke import ROOT
@@ -151,3 +151,31 @@ def test_whole_block_trial_asks_unsloth_for_the_whole_pinned_block():
     module._new_host_buffer(4_096, torch.float32)  # exactly a block already
     assert calls == [("new", 8_192), ("grow", 16_384), ("new", 4_096)]
     assert first.numel() == 8_192 and grown.numel() == 16_384
+
+
+def test_host_slot_timing_logs_each_growth_and_the_benchmark_charges_it_to_the_next_step(tmp_path, capsys, monkeypatch):
+    # The wrapped functions behave like unsloth_zoo's: a new slot, and a resize_ that grows one in place.
+    module = types.SimpleNamespace(
+        _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
+        _new_host_buffer=lambda numel, dtype: torch.empty(numel, dtype=dtype),
+        _grow_host_buffer=lambda buffer, new_size: buffer.resize_(new_size))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    trial_train.whole_pinned_blocks(module)
+    trial_train.time_host_slots(module)
+    slot = module._new_host_buffer(300_000, torch.bfloat16)  # 600,000 bytes: a 1 MiB block
+    assert slot.numel() == 524_288  # unsloth grows a slot only past its numel: here, past the block
+    printed = capsys.readouterr().out
+    module._grow_host_buffer(slot, 600_000)  # 1.2 MB: the next block, 2 MiB
+    grown = capsys.readouterr().out.strip()
+    assert "rank 1 new 0.0 -> 1.0 MiB" in printed
+    assert grown.startswith("benchmark trial: host slot rank 1 grown 1.0 -> 2.0 MiB in ")
+    lines = ["step 1/3  loss 2.0", printed.splitlines()[-1], "step 2/3  loss 2.0  1 tokens/s (9 tokens in 1.0 s)",
+             grown, grown.replace("rank 1", "rank 0"), grown, "step 3/3  loss 2.0  1 tokens/s (9 tokens in 1.0 s)",
+             grown]  # the last line has no step after it: charged to none
+    log_file = tmp_path / "train.log"
+    log_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ms = float(grown.split(" in ")[1].split()[0])
+    assert host_slot_times(log_file) == [
+        {"step": 2, "rank": 1, "new": 1, "grown": 0, "ms": pytest.approx(float(printed.split(" in ")[-1].split()[0]))},
+        {"step": 3, "rank": 0, "new": 0, "grown": 1, "ms": pytest.approx(ms)},
+        {"step": 3, "rank": 1, "new": 0, "grown": 2, "ms": pytest.approx(2 * ms, abs=0.011)}]
