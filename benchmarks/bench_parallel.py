@@ -27,10 +27,11 @@ offloaded activation reloaded during this layer's backward; on 2 with balancing)
 logging step; per-step figures then cover 10 steps each), -nosync (benchmarks/trial_train.py: no
 wait for the GPU between backward and optimizer step), -nosync-log10 (both: no wait inside 10 steps),
 -cudnn (the same module: attention on cuDNN, as the stage ran it before 2026-11-26; the stage now
-turns it off for unsloth, stages.modeling.train_attention_without_cudnn), -wholeblock (the same
-module: unsloth's offload host slots sized to whole pinned blocks, grown only past a power of two),
--timed (the same module: each host slot's creation and growth timed, per step and rank in
-"host_slots"; -wholeblock runs are timed too).
+turns it off for unsloth, stages.unsloth_runtime.train_attention_without_cudnn), -exactslots (the
+same module: unsloth's offload host slots sized as unsloth_zoo sizes them, grown at every new high,
+as before 2026-11-26; the stage now gives them whole pinned blocks), -timed (the same module: each
+host slot's creation and growth timed, per step and rank in "host_slots"; -exactslots runs are
+timed too).
 Every run also records late_tokens_per_s, from the log lines over the steps after the 10th alone.
 
 Before anything is measured, one unmeasured run per process count warms the disk caches (Triton
@@ -71,12 +72,13 @@ BF16_ALLREDUCE = {"UNSLOTH_DDP_COMM_HOOK": "bf16"}  # unsloth's opt-in: gradient
 NO_STEP_SYNC = {"BENCH_NO_STEP_SYNC": "1"}  # train through benchmarks/trial_train.py: no waits inside a step
 CUDNN_SDP = {"BENCH_CUDNN_SDP": "1"}  # the same: attention on cuDNN again, with its plan per new sequence length
 TIMED_SLOTS = {"BENCH_TIME_HOST_SLOTS": "1"}  # the same: each offload host slot's creation and growth timed
-WHOLE_BLOCK = {"BENCH_OFFLOAD_WHOLE_BLOCK": "1", **TIMED_SLOTS}  # the same: host slots as large as their pinned block
-TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP, **WHOLE_BLOCK})  # any of them set: the run goes through trial_train
+EXACT_SLOTS = {"BENCH_EXACT_SLOTS": "1", **TIMED_SLOTS}  # the same: host slots sized as unsloth sizes them
+TRIAL_KNOBS = tuple({**NO_STEP_SYNC, **CUDNN_SDP, **EXACT_SLOTS})  # any of them set: the run goes through trial_train
 KNOBS = (*{**BALANCED, **PREFETCH, **BF16_ALLREDUCE}, *TRIAL_KNOBS)  # unset unless a variant sets them
 LATE_AFTER = 10  # late_tokens_per_s: steps after this one, past the early steps' compiles and buffer growth
 LOSS_FILE = Path("dvclive/train/plots/metrics/train/loss.tsv")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\(([\d,]+) tokens in ([\d.]+) s\)")  # stages.callbacks.LogLine
+STEP_START = re.compile(r"stages\.train: step (\d+)/\d+ ")  # every step's line, the first (no rate) included
 SLOT_LINE = re.compile(r"benchmark trial: host slot rank (\d+) (new|grown) [\d.]+ -> [\d.]+ MiB in ([\d.]+) ms")
 
 
@@ -162,10 +164,10 @@ def step_times(log_file: Path) -> dict:
 def host_slot_times(log_file: Path) -> list[dict]:
     """Per step and rank, the offload host slots made or grown (benchmarks/trial_train.py, BENCH_TIME_HOST_SLOTS).
 
-    Each slot line counts toward the first step logged after it; -timed and -wholeblock runs log them.
+    Each slot line counts toward the first step logged after it; -timed and -exactslots runs log them.
     """
     text, found, step = log_file.read_text(encoding="utf-8", errors="replace"), {}, None
-    events = sorted([(m.start(), "step", int(m.group(1)), None, 0.0) for m in STEP_LINE.finditer(text)]
+    events = sorted([(m.start(), "step", int(m.group(1)), None, 0.0) for m in STEP_START.finditer(text)]
                     + [(m.start(), m.group(2), None, int(m.group(1)), float(m.group(3))) for m in SLOT_LINE.finditer(text)])
     pending = []
     for _, kind, number, rank, ms in events:
@@ -458,12 +460,12 @@ def main() -> None:
              CUDNN_SDP, True),
             ("unsloth-1proc-timed", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), TIMED_SLOTS, True),
             (f"{many}-timed", variant("unsloth", n, half, args.steps), TIMED_SLOTS, True),
-            ("unsloth-1proc-wholeblock", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), WHOLE_BLOCK, True),
-            (f"{many}-wholeblock", variant("unsloth", n, half, args.steps), WHOLE_BLOCK, True),
-            (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
-             WHOLE_BLOCK, True),
-            (f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}",
-             variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), WHOLE_BLOCK, True)]
+            ("unsloth-1proc-exactslots", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps), EXACT_SLOTS, True),
+            (f"{many}-exactslots", variant("unsloth", n, half, args.steps), EXACT_SLOTS, True),
+            (f"{many}-exactslots-{EFFECTIVE_BATCH}perdevice", variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+             EXACT_SLOTS, True),
+            (f"unsloth-1proc-exactslots-{EFFECTIVE_BATCH}x{n}",
+             variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n), EXACT_SLOTS, True)]
     chosen = parts_to_run(plan, args.only)
     if args.probe and any(key in env for _, _, env in chosen for key in TRIAL_KNOBS):
         parser.error("--probe runs benchmarks/probe_train.py, not the trials of benchmarks/trial_train.py: "
@@ -483,8 +485,8 @@ def main() -> None:
              (f"{many}-nosync", "unsloth-1proc-nosync"), (f"{many}-nosync-log10", "unsloth-1proc-nosync-log10"),
              (f"{many}-cudnn", "unsloth-1proc-cudnn"),
              (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}"),
-             (f"{many}-timed", "unsloth-1proc-timed"), (f"{many}-wholeblock", "unsloth-1proc-wholeblock"),
-             (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}"),
+             (f"{many}-timed", "unsloth-1proc-timed"), (f"{many}-exactslots", "unsloth-1proc-exactslots"),
+             (f"{many}-exactslots-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-exactslots-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
              (f"{many}-{EFFECTIVE_BATCH}perdevice", "unsloth-1proc")]
     # a trial against the same run without it
@@ -494,10 +496,10 @@ def main() -> None:
               (f"{many}-cudnn-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
               (f"unsloth-1proc-cudnn-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"),
               ("unsloth-1proc-timed", "unsloth-1proc"), (f"{many}-timed", many),
-              ("unsloth-1proc-wholeblock", "unsloth-1proc-timed"), (f"{many}-wholeblock", f"{many}-timed"),
-              ("unsloth-1proc-wholeblock", "unsloth-1proc"), (f"{many}-wholeblock", many),
-              (f"{many}-wholeblock-{EFFECTIVE_BATCH}perdevice", f"{many}-{EFFECTIVE_BATCH}perdevice"),
-              (f"unsloth-1proc-wholeblock-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}")]
+              ("unsloth-1proc-timed", "unsloth-1proc-exactslots"), (f"{many}-timed", f"{many}-exactslots"),
+              ("unsloth-1proc", "unsloth-1proc-exactslots"), (many, f"{many}-exactslots"),
+              (f"{many}-{EFFECTIVE_BATCH}perdevice", f"{many}-exactslots-{EFFECTIVE_BATCH}perdevice"),
+              (f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}", f"unsloth-1proc-exactslots-{EFFECTIVE_BATCH}x{n}")]
     results["order"] = []  # the keys in the order they ran (the file's keys are sorted)
     for round_, parts in rounds(chosen[::-1] if args.reverse else chosen, args.repeat):
         for name, overrides, env in parts:

@@ -6,14 +6,14 @@ BENCH_CUDNN_SDP=1: attention on cuDNN again, as the stage ran it before 2026-11-
 torch's scaled_dot_product_attention picks cuDNN for training, which builds a plan for every new
 sequence length (unsloth pads each row to a multiple of 128 to bound them): ~170 ms the first time a
 batch holds a row of a new length bucket, on each process separately. The stage now turns it off
-for unsloth (stages.modeling.train_attention_without_cudnn); this is the comparison that rests on.
+for unsloth (stages.unsloth_runtime.train_attention_without_cudnn); this is the comparison that rests on.
 
-BENCH_OFFLOAD_WHOLE_BLOCK=1: unsloth's offloaded activations kept in host slots as large as the
-pinned block torch allocates for them anyway (the caching host allocator rounds each up to a power
-of two). unsloth_zoo sizes each layer's slot to the largest activation so far and grows it, by a
-resize_ that takes a new block and copies the old contents, whenever a process meets more tokens
-than at any step before: exactly the slow steps of benchmarks/README.md ("What is left",
-benchmarks/rows_per_process.py). With whole blocks a slot grows only past a power of two.
+BENCH_EXACT_SLOTS=1: unsloth's offload host slots sized as unsloth_zoo sizes them, as the stage ran
+them before 2026-11-26. Each layer's slot is sized to the largest activation so far and grows, by a
+resize_ that takes a new pinned block and copies the old contents, whenever a process meets more
+tokens than at any step before: the slow steps of benchmarks/rows_per_process.py. The stage now
+asks for the whole pinned block torch allocates anyway (stages.unsloth_runtime
+.offload_slots_in_whole_pinned_blocks); this is the comparison that rests on.
 
 BENCH_TIME_HOST_SLOTS=1: each creation and growth of one of those host slots is timed and logged
 ("benchmark trial: host slot ..."), so bench_parallel can say how much of each step it took.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from benchmarks.probe_train import run_stage_as
 from stages import train as train_stage
+from stages import unsloth_runtime
 
 
 def defer_token_count() -> None:
@@ -68,20 +69,6 @@ def defer_token_count() -> None:
         return logged(self, *args, **kwargs)
 
     Trainer._track_num_input_tokens, Trainer._maybe_log_save_evaluate = track, log_save_evaluate
-
-
-def whole_pinned_blocks(module=None) -> None:
-    """Size unsloth_zoo's offload host slots to whole pinned blocks (BENCH_OFFLOAD_WHOLE_BLOCK)."""
-    if module is None:
-        from unsloth_zoo import gradient_checkpointing as module
-    new, grow, block_bytes = module._new_host_buffer, module._grow_host_buffer, module._pinned_block_bytes
-
-    def whole(numel: int, dtype) -> int:
-        return max(numel, block_bytes(numel * dtype.itemsize) // dtype.itemsize)
-
-    module._new_host_buffer = lambda numel, dtype: new(whole(numel, dtype), dtype)
-    module._grow_host_buffer = lambda buffer, new_size: grow(buffer, whole(new_size, buffer.dtype))
-    print("benchmark trial: unsloth's offload host slots sized to whole pinned blocks", flush=True)
 
 
 def time_host_slots(module=None) -> None:
@@ -119,10 +106,11 @@ def main() -> None:
         print("benchmark trial: cuDNN attention back on", flush=True)
 
     steps = [cudnn_again] if os.environ.get("BENCH_CUDNN_SDP") else []
-    if os.environ.get("BENCH_OFFLOAD_WHOLE_BLOCK"):
-        steps.append(whole_pinned_blocks)
+    if os.environ.get("BENCH_EXACT_SLOTS"):  # before the model loads: the stage then leaves the slots alone
+        unsloth_runtime.offload_slots_in_whole_pinned_blocks = lambda module=None: False
+        print("benchmark trial: unsloth's offload host slots sized as unsloth_zoo sizes them", flush=True)
     if os.environ.get("BENCH_TIME_HOST_SLOTS"):
-        steps.append(time_host_slots)  # after whole_pinned_blocks: the time includes what it changes
+        steps.append(time_host_slots)  # after the model loads: the time includes the stage's sizing
     if os.environ.get("BENCH_NO_STEP_SYNC"):
         configure = train_stage.sft_config
 

@@ -12,6 +12,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages import unsloth_runtime
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,30 +147,11 @@ def load_for_training(model_params, lora_params, gradient_checkpointing: bool, s
     return model, prepare_tokenizer(tokenizer), backend
 
 
-def train_attention_without_cudnn() -> None:
-    """Training attention never on cuDNN.
-
-    On H100 / H200 torch's scaled_dot_product_attention picks cuDNN for training, and cuDNN
-    builds a plan for every new sequence length (unsloth pads each row to a multiple of 128 to
-    bound them): ~170 ms the first time a batch holds a row of a new length, in every process
-    separately, and DDP waits for the slowest. Measured with unsloth on 2 x H200, warmed, in
-    A-B-B-A order (benchmarks/README.md, "Attention off cuDNN"): one GPU 2.7% faster in steady
-    tokens/s and 13% over a 24-step session, two GPUs 7.3% and 18%; +0.12 GiB reserved on one GPU.
-    torch prefers cuDNN for training on data-center Hopper and Blackwell GPUs only; elsewhere it
-    already picks flash or memory-efficient attention, which this leaves as it is.
-    """
-    import torch
-
-    if torch.backends.cuda.cudnn_sdp_enabled():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        log.info("attention: cuDNN off (on H100/H200 it builds a plan per new sequence length)")
-
-
 def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
     # Imported first, as unsloth asks, so that it can patch transformers, trl and peft.
     from unsloth import FastLanguageModel
 
-    train_attention_without_cudnn()
+    unsloth_runtime.before_training()
 
     with load_errors("model.name", model_params.name):
         model, tokenizer = FastLanguageModel.from_pretrained(

@@ -15,7 +15,7 @@ from benchmarks import rows_per_process, trial_train
 from benchmarks.bench_parallel import (host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds,
                                       step_fit, step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
-from stages import callbacks
+from stages import callbacks, unsloth_runtime
 from tools.smoke import ROOT
 
 
@@ -138,29 +138,33 @@ def test_rows_per_process_records_the_rows_each_process_trained_on(tmp_path):
     assert "GPU s:" in rerun.stdout.decode()
 
 
-def test_whole_block_trial_asks_unsloth_for_the_whole_pinned_block():
-    calls = []
-    module = types.SimpleNamespace(
-        _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
-        _new_host_buffer=lambda numel, dtype: calls.append(("new", numel)) or torch.empty(numel, dtype=dtype),
-        _grow_host_buffer=lambda buffer, new_size: calls.append(("grow", new_size)) or torch.empty(new_size,
-                                                                                                   dtype=buffer.dtype))
-    trial_train.whole_pinned_blocks(module)
-    first = module._new_host_buffer(5_000, torch.bfloat16)  # 10,000 bytes: torch pins a 16,384-byte block
-    grown = module._grow_host_buffer(first, 9_000)  # 18,000 bytes: a 32,768-byte block
-    module._new_host_buffer(4_096, torch.float32)  # exactly a block already
-    assert calls == [("new", 8_192), ("grow", 16_384), ("new", 4_096)]
-    assert first.numel() == 8_192 and grown.numel() == 16_384
+def test_exact_slots_trial_leaves_unsloths_slots_as_unsloth_sizes_them(monkeypatch):
+    # The comparison the stage's whole-block slots rest on: with BENCH_EXACT_SLOTS the stage's change
+    # is off in the trial's process (and so in every process it relaunches), before the model loads.
+    module = types.SimpleNamespace(HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: nbytes,
+                                   _new_host_buffer=lambda numel, dtype: None, _grow_host_buffer=lambda b, n: None)
+    shipped, ran = module._new_host_buffer, []
+    monkeypatch.setattr(unsloth_runtime, "offload_slots_in_whole_pinned_blocks",
+                        unsloth_runtime.offload_slots_in_whole_pinned_blocks)  # put back after the test
+    monkeypatch.setattr(trial_train, "run_stage_as", lambda name, after_load: ran.append(name))
+    monkeypatch.setenv("BENCH_EXACT_SLOTS", "1")
+    trial_train.main()
+    assert ran == ["benchmarks.trial_train"]
+    assert not unsloth_runtime.offload_slots_in_whole_pinned_blocks(module) and module._new_host_buffer is shipped
 
 
 def test_host_slot_timing_logs_each_growth_and_the_benchmark_charges_it_to_the_next_step(tmp_path, capsys, monkeypatch):
     # The wrapped functions behave like unsloth_zoo's: a new slot, and a resize_ that grows one in place.
+    def pinned(buffer):
+        buffer._unsloth_is_pinned = True
+        return buffer
+
     module = types.SimpleNamespace(
-        _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
-        _new_host_buffer=lambda numel, dtype: torch.empty(numel, dtype=dtype),
-        _grow_host_buffer=lambda buffer, new_size: buffer.resize_(new_size))
+        HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
+        _new_host_buffer=lambda numel, dtype: pinned(torch.empty(numel, dtype=dtype)),
+        _grow_host_buffer=lambda buffer, new_size: pinned(buffer.resize_(new_size)))
     monkeypatch.setenv("LOCAL_RANK", "1")
-    trial_train.whole_pinned_blocks(module)
+    unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)  # as the stage sizes them, then timed
     trial_train.time_host_slots(module)
     slot = module._new_host_buffer(300_000, torch.bfloat16)  # 600,000 bytes: a 1 MiB block
     assert slot.numel() == 524_288  # unsloth grows a slot only past its numel: here, past the block
@@ -169,13 +173,14 @@ def test_host_slot_timing_logs_each_growth_and_the_benchmark_charges_it_to_the_n
     grown = capsys.readouterr().out.strip()
     assert "rank 1 new 0.0 -> 1.0 MiB" in printed
     assert grown.startswith("benchmark trial: host slot rank 1 grown 1.0 -> 2.0 MiB in ")
-    lines = ["step 1/3  loss 2.0", printed.splitlines()[-1], "step 2/3  loss 2.0  1 tokens/s (9 tokens in 1.0 s)",
-             grown, grown.replace("rank 1", "rank 0"), grown, "step 3/3  loss 2.0  1 tokens/s (9 tokens in 1.0 s)",
+    step = "10:07:55 INFO stages.train: step {}/3  loss 2.0"
+    lines = [printed.splitlines()[-1], step.format(1), step.format(2) + "  1 tokens/s (9 tokens in 1.0 s)",
+             grown, grown.replace("rank 1", "rank 0"), grown, step.format(3) + "  1 tokens/s (9 tokens in 1.0 s)",
              grown]  # the last line has no step after it: charged to none
     log_file = tmp_path / "train.log"
     log_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ms = float(grown.split(" in ")[1].split()[0])
     assert host_slot_times(log_file) == [
-        {"step": 2, "rank": 1, "new": 1, "grown": 0, "ms": pytest.approx(float(printed.split(" in ")[-1].split()[0]))},
+        {"step": 1, "rank": 1, "new": 1, "grown": 0, "ms": pytest.approx(float(printed.split(" in ")[-1].split()[0]))},
         {"step": 3, "rank": 0, "new": 0, "grown": 1, "ms": pytest.approx(ms)},
         {"step": 3, "rank": 1, "new": 0, "grown": 2, "ms": pytest.approx(2 * ms, abs=0.011)}]

@@ -3,6 +3,7 @@
 import csv
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -94,16 +95,20 @@ def test_backend_choice_on_each_kind_of_machine(monkeypatch, requested, cuda, un
     assert "unsloth" not in sys.modules
 
 
-def test_unsloth_trains_with_attention_off_cudnn_and_transformers_leaves_it(workspace, tiny_tokenizer, monkeypatch):
-    # cuDNN attention builds a plan per new sequence length on H100s (benchmarks/README.md, "Attention
-    # off cuDNN"): the unsloth backend turns it off before it loads the model. unsloth cannot be
-    # imported without a GPU, so a stand-in records what the backend switch said at load time.
+def test_unsloth_trains_with_attention_off_cudnn_and_whole_offload_slots_and_transformers_leaves_both(
+        workspace, tiny_tokenizer, monkeypatch):
+    # Both are changes to unsloth's runtime (stages/unsloth_runtime.py; benchmarks/README.md): the
+    # unsloth backend makes them before it loads the model. unsloth cannot be imported without a GPU,
+    # so stand-ins record what the backend switch and the offload helpers were at load time.
     seen = []
+    zoo = types.SimpleNamespace(HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: nbytes,
+                                _new_host_buffer=lambda numel, dtype: None, _grow_host_buffer=lambda buffer, size: None)
+    shipped = zoo._grow_host_buffer
 
     class FastLanguageModel:
         @staticmethod
         def from_pretrained(**kwargs):
-            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            seen.append((torch.backends.cuda.cudnn_sdp_enabled(), zoo._grow_host_buffer is shipped))
             return "model", tiny_tokenizer
 
         @staticmethod
@@ -111,17 +116,22 @@ def test_unsloth_trains_with_attention_off_cudnn_and_transformers_leaves_it(work
             return model
 
     monkeypatch.setitem(sys.modules, "unsloth", type(sys)("unsloth"))
+    monkeypatch.setitem(sys.modules, "unsloth_zoo", type(sys)("unsloth_zoo"))
+    monkeypatch.setitem(sys.modules, "unsloth_zoo.gradient_checkpointing", zoo)
     sys.modules["unsloth"].FastLanguageModel = FastLanguageModel
+    sys.modules["unsloth_zoo"].gradient_checkpointing = zoo
     monkeypatch.setattr(modeling, "choose_backend", lambda requested: "unsloth")
     params = load_params()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
         assert modeling.load_for_training(params.model, params.lora, True, params.seed)[2] == "unsloth"
-        assert seen == [False] and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert seen == [(False, False)] and not torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(True)
+        zoo._grow_host_buffer = shipped
         monkeypatch.setattr(modeling, "choose_backend", lambda requested: "transformers")
         modeling.load_for_training(params.model, params.lora, False, params.seed)
-        assert torch.backends.cuda.cudnn_sdp_enabled()  # the transformers backend was not measured: unchanged
+        # the transformers backend was not measured with either: both unchanged
+        assert torch.backends.cuda.cudnn_sdp_enabled() and zoo._grow_host_buffer is shipped
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
 

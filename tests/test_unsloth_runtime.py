@@ -1,0 +1,75 @@
+"""The train stage's changes to unsloth's runtime (stages/unsloth_runtime.py), against stand-ins that
+behave like unsloth_zoo 2026.10's offload helpers: unsloth cannot be imported without a GPU."""
+
+import logging
+import types
+
+import torch
+
+from stages import unsloth_runtime
+
+PINNED = "_unsloth_is_pinned"
+
+
+def offload_helpers(pinned=True):
+    """unsloth_zoo's helpers as it ships them, recording the sizes they are asked for."""
+    asked = []
+
+    def mark(buffer, is_pinned):
+        setattr(buffer, PINNED, is_pinned)
+        return buffer
+
+    def new_host_buffer(numel, dtype):
+        asked.append(("new", numel))
+        return mark(torch.empty(numel, dtype=dtype), pinned)
+
+    def grow_host_buffer(buffer, new_size):
+        asked.append(("grow", new_size))
+        return mark(buffer.resize_(new_size), getattr(buffer, PINNED))
+
+    module = types.SimpleNamespace(HOST_PINNED_ATTR=PINNED, PINNED_MEMORY_AVAILABLE=True,
+                                   _pinned_memory_disabled=lambda: False,
+                                   _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
+                                   _new_host_buffer=new_host_buffer, _grow_host_buffer=grow_host_buffer)
+    return module, asked
+
+
+def test_pinned_slots_take_their_whole_block_and_grow_only_past_it():
+    module, asked = offload_helpers()
+    assert unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
+    slot = module._new_host_buffer(300_000, torch.bfloat16)  # 600,000 bytes: torch pins a 1 MiB block
+    assert slot.numel() == 524_288  # unsloth grows a slot only past its numel: up to 1 MiB, no resize_
+    slot = module._grow_host_buffer(slot, 600_000)  # 1.2 MB: the next block, 2 MiB
+    module._new_host_buffer(4_096, torch.float32)  # exactly a block already
+    assert asked == [("new", 524_288), ("grow", 1_048_576), ("new", 4_096)]
+    assert slot.numel() == 1_048_576
+
+
+def test_pageable_slots_are_sized_as_unsloth_sizes_them():
+    # Whole blocks cost nothing only where torch's pinned allocator rounds up anyway.
+    module, asked = offload_helpers(pinned=False)
+    unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
+    slot = module._new_host_buffer(300_000, torch.bfloat16)  # pinning on: asked whole, refused (over budget)
+    module._grow_host_buffer(slot, 600_000)  # pageable: exactly what unsloth asks
+    module._pinned_memory_disabled = lambda: True  # UNSLOTH_DISABLE_PINNED_MEMORY=1
+    module._new_host_buffer(300_000, torch.bfloat16)
+    assert asked == [("new", 524_288), ("grow", 600_000), ("new", 300_000)]
+
+
+def test_applied_twice_it_wraps_once():
+    # load_for_training may run more than once in one process (as in this test suite).
+    module, asked = offload_helpers()
+    unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
+    wrapped = module._grow_host_buffer
+    assert unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
+    assert module._grow_host_buffer is wrapped
+
+
+def test_an_unsloth_zoo_without_the_helpers_trains_as_shipped_and_says_so(caplog):
+    module, asked = offload_helpers()
+    del module._pinned_block_bytes
+    shipped = module._new_host_buffer
+    with caplog.at_level(logging.INFO, logger="stages.unsloth_runtime"):
+        assert not unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
+    assert module._new_host_buffer is shipped
+    assert "sized as unsloth_zoo sizes them" in caplog.text
