@@ -47,13 +47,14 @@ def offload_slots_in_whole_pinned_blocks(module=None) -> bool:
     unsloth offloads each layer's input to a pinned host slot sized to the largest input so far.
     When a process meets more tokens than at any step before, every layer's slot grows by a
     resize_ that takes a new block and copies the old contents (which are rewritten before they
-    are read): ~6 ms a layer on an H100 host, ~200 ms a step for the 8B model, and DDP waits for
-    the slowest process. torch's caching host allocator rounds every pinned block up to a power
-    of two anyway, so asking for the whole block costs no extra pinned memory, and a slot then
-    grows only past a power of two. Measured with unsloth on 2 x H100, warmed, in both orders
-    (benchmarks/README.md, "Offload slots in whole pinned blocks"): the growths after the first
-    step are gone (three steps of a 24-step run on two GPUs, one on one GPU), two GPUs 2.8%
-    faster in steady tokens/s, one GPU 0.5%, the same GPU memory.
+    are read): 5-16 ms a layer on an H100 host, 0.17-0.49 s a step for the 8B model, and DDP waits
+    for the slowest process. torch's caching host allocator rounds every pinned block up to a power
+    of two anyway, so asking for the whole block costs no extra pinned memory, and a slot then grows
+    only past a power of two. Measured with unsloth on 2 x H100, warmed, in both orders
+    (benchmarks/README.md, "Offload slots in whole pinned blocks"): no slot grew after the first
+    step (unsloth's sizing grew them at 4 of 24 steps on two GPUs, 2 on one), two GPUs 4.3% faster
+    in steady tokens/s, one GPU 0.5%, the same GPU memory; two GPUs against one went from 1.80x
+    to 1.87x.
 
     With pinned memory off, slots are sized as unsloth sizes them, and a slot that turns pageable
     (past unsloth's pinned budget for each process) grows as unsloth grows it. Returns whether the
