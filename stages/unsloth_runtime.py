@@ -1,7 +1,7 @@
 """What the train stage changes in unsloth's runtime for speed, each change measured.
 
 Called by stages.modeling once unsloth is imported and before the model is loaded. Each change
-keeps the numbers the same and only removes a stall. The measurements, the commands that give
+only removes a stall: the training is the same up to bf16 rounding. The measurements, the commands that give
 them and the devices they ran on are in benchmarks/README.md.
 """
 
@@ -47,19 +47,21 @@ def offload_slots_in_whole_pinned_blocks(module=None) -> bool:
     unsloth offloads each layer's input to a pinned host slot sized to the largest input so far.
     When a process meets more tokens than at any step before, every layer's slot grows by a
     resize_ that takes a new block and copies the old contents (which are rewritten before they
-    are read): 5-16 ms a layer on an H100 host, 0.17-0.49 s a step for the 8B model, and DDP waits
-    for the slowest process. torch's caching host allocator rounds every pinned block up to a power
-    of two anyway, so asking for the whole block costs no extra pinned memory, and a slot then grows
-    only past a power of two. Measured with unsloth on 2 x H100, warmed, in both orders
-    (benchmarks/README.md, "Offload slots in whole pinned blocks"): no slot grew after the first
-    step (unsloth's sizing grew them at 4 of 24 steps on two GPUs, 2 on one), two GPUs 4.3% faster
-    in steady tokens/s, one GPU 0.5%, the same GPU memory; two GPUs against one went from 1.80x
-    to 1.87x.
+    are read): 5-16 ms a layer on average on an H100 host, 0.17-0.49 s a step for the 8B model, and
+    DDP waits for the slowest process. torch's caching host allocator rounds every pinned block up
+    to a power of two (with its default settings), so asking for the whole block costs no extra
+    pinned memory, and a slot then grows only past a power of two. Measured with unsloth on
+    2 x H100, warmed, in both orders (benchmarks/README.md, "Offload slots in whole pinned
+    blocks"): no slot grew after the first step (unsloth's sizing grew them at 4 of 24 steps on two
+    GPUs, 2 on one), two GPUs 4.3% faster in steady tokens/s, one GPU 0.5%, the same GPU memory;
+    two GPUs against one went from 1.80x to 1.87x in that comparison (1.86x for the stage over 40
+    steps).
 
-    With pinned memory off, slots are sized as unsloth sizes them, and a slot that turns pageable
-    (past unsloth's pinned budget for each process) grows as unsloth grows it. Returns whether the
-    helpers were found: they are private to unsloth_zoo, so a version without them trains as
-    unsloth ships it, and the log says so.
+    Pageable slots are sized as unsloth sizes them: with pinned memory off, and when unsloth
+    regrows a slot that is pageable. A slot that unsloth's pinned budget per process refuses while
+    it is being made or grown is pageable at the whole block's size (up to twice its bytes).
+    Returns whether the helpers were found: they are private to unsloth_zoo, so a version without
+    them trains as unsloth ships it, and the log says so.
     """
     if module is None:
         from unsloth_zoo import gradient_checkpointing as module
@@ -78,14 +80,21 @@ def offload_slots_in_whole_pinned_blocks(module=None) -> bool:
     def whole(numel: int, dtype) -> int:
         return max(numel, block_bytes(numel * dtype.itemsize) // dtype.itemsize)
 
+    regrowing_pageable = []  # unsloth regrows a pageable slot by making a new one: at its exact size
+
     def new_host_buffer(numel, dtype):
-        return new(whole(numel, dtype) if pinning() else numel, dtype)
+        return new(whole(numel, dtype) if pinning() and not regrowing_pageable else numel, dtype)
 
     def grow_host_buffer(buffer, new_size):
-        pinned = getattr(buffer, module.HOST_PINNED_ATTR, False)  # unsloth's own record of it
-        return grow(buffer, whole(new_size, buffer.dtype) if pinned else new_size)
+        if getattr(buffer, module.HOST_PINNED_ATTR, False):  # unsloth's own record of it
+            return grow(buffer, whole(new_size, buffer.dtype))
+        regrowing_pageable.append(buffer)
+        try:
+            return grow(buffer, new_size)
+        finally:
+            regrowing_pageable.pop()
 
     grow_host_buffer.whole_pinned_blocks = True
     module._new_host_buffer, module._grow_host_buffer = new_host_buffer, grow_host_buffer
-    log.info("offload slots: whole pinned blocks (a slot grows only past a power of two, not at every new high)")
+    log.info("offload slots: pinned ones in whole blocks (a slot grows only past a power of two, not at every new high)")
     return True

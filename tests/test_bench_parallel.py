@@ -12,7 +12,7 @@ import torch
 from transformers import TrainerState
 
 from benchmarks import rows_per_process, trial_train
-from benchmarks.bench_parallel import (host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds,
+from benchmarks.bench_parallel import (cosine, host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds,
                                       step_fit, step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
 from stages import callbacks, unsloth_runtime
@@ -184,3 +184,13 @@ def test_host_slot_timing_logs_each_growth_and_the_benchmark_charges_it_to_the_n
         {"step": 1, "rank": 1, "new": 1, "grown": 0, "ms": pytest.approx(float(printed.split(" in ")[-1].split()[0]))},
         {"step": 3, "rank": 0, "new": 0, "grown": 1, "ms": pytest.approx(ms)},
         {"step": 3, "rank": 1, "new": 0, "grown": 2, "ms": pytest.approx(2 * ms, abs=0.011)}]
+
+
+def test_the_adapter_check_cosine_stays_a_cosine_over_tens_of_millions_of_weights():
+    # In float32, torch's cosine_similarity over an adapter-sized vector came out at 1.0097 on the GPU.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(20_000_000, generator=generator) * 1e-3
+    y = x + torch.randn(20_000_000, generator=generator) * 1e-4
+    expected = 1 / (1 + 0.1 ** 2) ** 0.5  # y's noise is a tenth of x: cos = 1 / sqrt(1.01)
+    assert cosine(x, y) == pytest.approx(expected, abs=1e-4) and cosine(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert cosine(x, -x) == pytest.approx(-1.0, abs=1e-12)

@@ -25,7 +25,9 @@ def offload_helpers(pinned=True):
 
     def grow_host_buffer(buffer, new_size):
         asked.append(("grow", new_size))
-        return mark(buffer.resize_(new_size), getattr(buffer, PINNED))
+        if not getattr(buffer, PINNED):  # as unsloth_zoo does: a pageable slot is made anew, by the module's helper
+            return module._new_host_buffer(new_size, buffer.dtype)
+        return mark(buffer.resize_(new_size), True)
 
     module = types.SimpleNamespace(HOST_PINNED_ATTR=PINNED, PINNED_MEMORY_AVAILABLE=True,
                                    _pinned_memory_disabled=lambda: False,
@@ -50,10 +52,15 @@ def test_pageable_slots_are_sized_as_unsloth_sizes_them():
     module, asked = offload_helpers(pinned=False)
     unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)
     slot = module._new_host_buffer(300_000, torch.bfloat16)  # pinning on: asked whole, refused (over budget)
-    module._grow_host_buffer(slot, 600_000)  # pageable: exactly what unsloth asks
+    slot = module._grow_host_buffer(slot, 600_000)  # pageable: made anew, exactly as large as unsloth asks
+    assert slot.numel() == 600_000
+    module._grow_host_buffer(slot, 700_000)  # and again
     module._pinned_memory_disabled = lambda: True  # UNSLOTH_DISABLE_PINNED_MEMORY=1
     module._new_host_buffer(300_000, torch.bfloat16)
-    assert asked == [("new", 524_288), ("grow", 600_000), ("new", 300_000)]
+    module._pinned_memory_disabled, module.PINNED_MEMORY_AVAILABLE = (lambda: False), False  # pinning failed once
+    module._new_host_buffer(300_000, torch.bfloat16)
+    assert asked == [("new", 524_288), ("grow", 600_000), ("new", 600_000), ("grow", 700_000), ("new", 700_000),
+                     ("new", 300_000), ("new", 300_000)]
 
 
 def test_applied_twice_it_wraps_once():
