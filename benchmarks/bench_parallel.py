@@ -166,19 +166,18 @@ def host_slot_times(log_file: Path) -> list[dict]:
 
     Each slot line counts toward the first step logged after it; -timed and -exactslots runs log them.
     """
-    text, found, step = log_file.read_text(encoding="utf-8", errors="replace"), {}, None
-    events = sorted([(m.start(), "step", int(m.group(1)), None, 0.0) for m in STEP_START.finditer(text)]
-                    + [(m.start(), m.group(2), None, int(m.group(1)), float(m.group(3))) for m in SLOT_LINE.finditer(text)])
-    pending = []
-    for _, kind, number, rank, ms in events:
-        if kind == "step":
-            for rank_, kind_, ms_ in pending:
-                entry = found.setdefault((number, rank_), {"step": number, "rank": rank_, "new": 0, "grown": 0, "ms": 0.0})
-                entry[kind_] += 1
-                entry["ms"] = round(entry["ms"] + ms_, 2)
-            pending = []
-        else:
-            pending.append((rank, kind, ms))
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    found, pending = {}, []
+    for m in re.finditer(f"{STEP_START.pattern}|{SLOT_LINE.pattern}", text):
+        if m.group(1) is None:  # a slot line: groups 2-4 are SLOT_LINE's
+            pending.append((int(m.group(2)), m.group(3), float(m.group(4))))
+            continue
+        step = int(m.group(1))
+        for rank, kind, ms in pending:
+            entry = found.setdefault((step, rank), {"step": step, "rank": rank, "new": 0, "grown": 0, "ms": 0.0})
+            entry[kind] += 1
+            entry["ms"] = round(entry["ms"] + ms, 2)
+        pending = []
     return [found[key] for key in sorted(found)]
 
 

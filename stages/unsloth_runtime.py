@@ -1,8 +1,8 @@
 """What the train stage changes in unsloth's runtime for speed, each change measured.
 
 Called by stages.modeling once unsloth is imported and before the model is loaded. Each change
-only removes a stall: the training is the same up to bf16 rounding. The measurements, the commands that give
-them and the devices they ran on are in benchmarks/README.md.
+only removes a stall: the training is the same up to bf16 rounding. The measurements, the
+commands that give them and the devices they ran on are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def offload_slots_in_whole_pinned_blocks(module=None) -> bool:
     """
     if module is None:
         from unsloth_zoo import gradient_checkpointing as module
-    if not (all(callable(getattr(module, name, None)) for name in SLOT_HELPERS) and hasattr(module, "HOST_PINNED_ATTR")):
+    found = all(callable(getattr(module, name, None)) for name in SLOT_HELPERS) and hasattr(module, "HOST_PINNED_ATTR")
+    if not found:
         log.info("offload slots: sized as unsloth_zoo sizes them (this version lacks %s or HOST_PINNED_ATTR)",
                  ", ".join(SLOT_HELPERS))
         return False

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny Llama-shaped model and a smoke workspace, built once per session."""
+"""Shared fixtures: a tiny Llama-shaped model and a smoke workspace, built once per session; a stand-in for
+unsloth_zoo's offload helpers."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,34 @@ def pipeline_run(smoke_template, tmp_path_factory) -> Path:
         patcher.undo()
     (dest / ".network_attempts.json").write_text(json.dumps([str(a) for a in guard.attempts]))
     return dest
+
+
+PINNED = "_unsloth_is_pinned"  # unsloth_zoo's HOST_PINNED_ATTR
+
+
+def offload_helpers(pinned=True):
+    """A stand-in for unsloth_zoo.gradient_checkpointing (2026.10): its offload slot helpers as it ships them,
+    recording the sizes they are asked for (unsloth cannot be imported without a GPU)."""
+    import torch
+
+    asked = []
+
+    def mark(buffer, is_pinned):
+        setattr(buffer, PINNED, is_pinned)
+        return buffer
+
+    def new_host_buffer(numel, dtype):
+        asked.append(("new", numel))
+        return mark(torch.empty(numel, dtype=dtype), pinned)
+
+    def grow_host_buffer(buffer, new_size):
+        asked.append(("grow", new_size))
+        if not getattr(buffer, PINNED):  # as unsloth_zoo does: a pageable slot is made anew, by the module's helper
+            return module._new_host_buffer(new_size, buffer.dtype)
+        return mark(buffer.resize_(new_size), True)
+
+    module = types.SimpleNamespace(HOST_PINNED_ATTR=PINNED, PINNED_MEMORY_AVAILABLE=True,
+                                   _pinned_memory_disabled=lambda: False,
+                                   _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
+                                   _new_host_buffer=new_host_buffer, _grow_host_buffer=grow_host_buffer)
+    return module, asked

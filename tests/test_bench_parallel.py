@@ -5,16 +5,16 @@ import json
 import logging
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from transformers import TrainerState
 
 from benchmarks import rows_per_process, trial_train
-from benchmarks.bench_parallel import (cosine, host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run, ratios, rounds,
-                                      step_fit, step_times, warmup_parts)
+from benchmarks.bench_parallel import (cosine, host_slot_times, late_tokens_per_s, mean_by_part, parts_to_run,
+                                      ratios, rounds, step_fit, step_times, warmup_parts)
 from benchmarks.probe_train import busy_seconds, kind_of
+from conftest import offload_helpers
 from stages import callbacks, unsloth_runtime
 from tools.smoke import ROOT
 
@@ -141,8 +141,7 @@ def test_rows_per_process_records_the_rows_each_process_trained_on(tmp_path):
 def test_exact_slots_trial_leaves_unsloths_slots_as_unsloth_sizes_them(monkeypatch):
     # The comparison the stage's whole-block slots rest on: with BENCH_EXACT_SLOTS the stage's change
     # is off in the trial's process (and so in every process it relaunches), before the model loads.
-    module = types.SimpleNamespace(HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: nbytes,
-                                   _new_host_buffer=lambda numel, dtype: None, _grow_host_buffer=lambda b, n: None)
+    module, _ = offload_helpers()
     shipped, ran = module._new_host_buffer, []
     monkeypatch.setattr(unsloth_runtime, "offload_slots_in_whole_pinned_blocks",
                         unsloth_runtime.offload_slots_in_whole_pinned_blocks)  # put back after the test
@@ -155,14 +154,7 @@ def test_exact_slots_trial_leaves_unsloths_slots_as_unsloth_sizes_them(monkeypat
 
 def test_host_slot_timing_logs_each_growth_and_the_benchmark_charges_it_to_the_next_step(tmp_path, capsys, monkeypatch):
     # The wrapped functions behave like unsloth_zoo's: a new slot, and a resize_ that grows one in place.
-    def pinned(buffer):
-        buffer._unsloth_is_pinned = True
-        return buffer
-
-    module = types.SimpleNamespace(
-        HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
-        _new_host_buffer=lambda numel, dtype: pinned(torch.empty(numel, dtype=dtype)),
-        _grow_host_buffer=lambda buffer, new_size: pinned(buffer.resize_(new_size)))
+    module, _ = offload_helpers()
     monkeypatch.setenv("LOCAL_RANK", "1")
     unsloth_runtime.offload_slots_in_whole_pinned_blocks(module)  # as the stage sizes them, then timed
     trial_train.time_host_slots(module)

@@ -3,13 +3,12 @@
 import csv
 import json
 import sys
-import types
 
 import pytest
 import torch
 from transformers import TrainerState
 
-from conftest import write_params
+from conftest import offload_helpers, write_params
 from stages import callbacks, modeling, paths, prepare, train
 from stages.errors import UserError
 from stages.params import load_params
@@ -101,8 +100,7 @@ def test_unsloth_trains_with_attention_off_cudnn_and_whole_offload_slots_and_tra
     # unsloth backend makes them before it loads the model. unsloth cannot be imported without a GPU,
     # so stand-ins record what the backend switch and the offload helpers were at load time.
     seen = []
-    zoo = types.SimpleNamespace(HOST_PINNED_ATTR="_unsloth_is_pinned", _pinned_block_bytes=lambda nbytes: nbytes,
-                                _new_host_buffer=lambda numel, dtype: None, _grow_host_buffer=lambda buffer, size: None)
+    zoo, _ = offload_helpers()
     shipped = zoo._grow_host_buffer
 
     class FastLanguageModel:

@@ -2,39 +2,11 @@
 behave like unsloth_zoo 2026.10's offload helpers: unsloth cannot be imported without a GPU."""
 
 import logging
-import types
 
 import torch
 
+from conftest import offload_helpers
 from stages import unsloth_runtime
-
-PINNED = "_unsloth_is_pinned"
-
-
-def offload_helpers(pinned=True):
-    """unsloth_zoo's helpers as it ships them, recording the sizes they are asked for."""
-    asked = []
-
-    def mark(buffer, is_pinned):
-        setattr(buffer, PINNED, is_pinned)
-        return buffer
-
-    def new_host_buffer(numel, dtype):
-        asked.append(("new", numel))
-        return mark(torch.empty(numel, dtype=dtype), pinned)
-
-    def grow_host_buffer(buffer, new_size):
-        asked.append(("grow", new_size))
-        if not getattr(buffer, PINNED):  # as unsloth_zoo does: a pageable slot is made anew, by the module's helper
-            return module._new_host_buffer(new_size, buffer.dtype)
-        return mark(buffer.resize_(new_size), True)
-
-    module = types.SimpleNamespace(HOST_PINNED_ATTR=PINNED, PINNED_MEMORY_AVAILABLE=True,
-                                   _pinned_memory_disabled=lambda: False,
-                                   _pinned_block_bytes=lambda nbytes: 1 << (int(nbytes) - 1).bit_length(),
-                                   _new_host_buffer=new_host_buffer, _grow_host_buffer=grow_host_buffer)
-    return module, asked
-
 
 def test_pinned_slots_take_their_whole_block_and_grow_only_past_it():
     module, asked = offload_helpers()
