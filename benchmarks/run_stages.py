@@ -53,8 +53,7 @@ def run_stages(workspace: Path, stages: list[str], log_file: Path | None = None)
         print(f"== {stage}", flush=True)
         with open(log_file, "ab") if log_file else open(os.devnull, "rb") as sink:
             out = {"stdout": sink, "stderr": subprocess.STDOUT} if log_file else {}
-            module = stage if "." in stage else f"stages.{stage}"  # a stage, or a module that wraps one
-            result = subprocess.run([sys.executable, "-m", module], cwd=workspace, env=env, **out)
+            result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workspace, env=env, **out)
         seconds[stage] = round(time.perf_counter() - started, 1)
         print(f"== {stage}: exit {result.returncode} after {seconds[stage]}s", flush=True)
         if result.returncode != 0:
