@@ -2,7 +2,7 @@
 
 Called by stages.modeling once unsloth is imported and before the model is loaded. Each change
 only removes a stall: the training is the same up to bf16 rounding. The measurements, the
-commands that give them and the devices they ran on are in benchmarks/README.md.
+devices they ran on and the commits that hold them are in benchmarks/README.md ("History").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def train_attention_without_cudnn() -> None:
     builds a plan for every new sequence length (unsloth pads each row to a multiple of 128 to
     bound them): ~170 ms the first time a batch holds a row of a new length, in every process
     separately, and DDP waits for the slowest. Measured with unsloth on 2 x H200, warmed, in
-    A-B-B-A order (benchmarks/README.md, "Attention off cuDNN"): one GPU 2.7% faster in steady
+    A-B-B-A order (benchmarks/README.md, "History": 7c168f5): one GPU 2.7% faster in steady
     tokens/s and 13% over a 24-step session, two GPUs 7.3% and 18%; +0.12 GiB reserved on one GPU.
     torch prefers cuDNN for training on data-center Hopper and Blackwell GPUs only; elsewhere it
     already picks flash or memory-efficient attention, which this leaves as it is.
@@ -51,11 +51,10 @@ def offload_slots_in_whole_pinned_blocks(module=None) -> bool:
     DDP waits for the slowest process. torch's caching host allocator rounds every pinned block up
     to a power of two (with its default settings), so asking for the whole block costs no extra
     pinned memory, and a slot then grows only past a power of two. Measured with unsloth on
-    2 x H100, warmed, in both orders (benchmarks/README.md, "Offload slots in whole pinned
-    blocks"): no slot grew after the first step (unsloth's sizing grew them at 4 of 24 steps on two
-    GPUs, 2 on one), two GPUs 4.3% faster in steady tokens/s, one GPU 0.5%, the same GPU memory;
-    two GPUs against one went from 1.80x to 1.87x in that comparison (1.86x for the stage over 40
-    steps).
+    2 x H100, warmed, in both orders (benchmarks/README.md, "History": 8dbd65e): no slot grew
+    after the first step (unsloth's sizing grew them at 4 of 24 steps on two GPUs, 2 on one), two
+    GPUs 4.3% faster in steady tokens/s, one GPU 0.5%, the same GPU memory; two GPUs against one
+    went from 1.80x to 1.87x in that comparison (1.86x for the stage over 40 steps).
 
     Pageable slots are sized as unsloth sizes them: with pinned memory off, and when unsloth
     regrows a slot that is pageable. A slot that unsloth's pinned budget per process refuses while
