@@ -272,6 +272,12 @@ def main() -> None:
     n = args.processes
     if EFFECTIVE_BATCH % n:
         parser.error(f"--processes {n} must divide the effective batch {EFFECTIVE_BATCH}")
+    half, many, transformers = EFFECTIVE_BATCH // n, f"unsloth-{n}proc", f"transformers-{n}proc"
+    per_device, accumulated = f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"
+    names = ("unsloth-1proc", many, "merge", transformers, per_device, accumulated)  # the plan's order, below
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:  # before the model is built
+        parser.error(f"--only {' '.join(unknown)}: the parts are {', '.join(names)}")
     model_dir, work = args.model_dir.resolve(), args.work_dir.resolve()
     results = {"environment": {**environment("cuda"), "gpus": torch.cuda.device_count(),
                                "command": " ".join(["python -m benchmarks.bench_parallel", *sys.argv[1:]])}}
@@ -292,17 +298,12 @@ def main() -> None:
 
     flops, peak = results["model"]["flops_per_token"], results["matmul"]["tflops"]
     results["train"] = {}
-    half, many = EFFECTIVE_BATCH // n, f"unsloth-{n}proc"
-    per_device, accumulated = f"{many}-{EFFECTIVE_BATCH}perdevice", f"unsloth-1proc-{EFFECTIVE_BATCH}x{n}"
-    plan = [("unsloth-1proc", variant("unsloth", 1, EFFECTIVE_BATCH, args.steps)),
-            (many, variant("unsloth", n, half, args.steps)),
-            ("merge", None),
-            (f"transformers-{n}proc", variant("transformers", n, half, args.transformers_steps)),
-            (per_device, variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps)),
-            (accumulated, variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n))]
-    unknown = sorted(set(args.only or ()) - {name for name, _ in plan})
-    if unknown:
-        parser.error(f"--only {' '.join(unknown)}: the parts are {', '.join(name for name, _ in plan)}")
+    plan = list(zip(names, (variant("unsloth", 1, EFFECTIVE_BATCH, args.steps),
+                            variant("unsloth", n, half, args.steps),
+                            None,  # merge
+                            variant("transformers", n, half, args.transformers_steps),
+                            variant("unsloth", n, EFFECTIVE_BATCH, args.last_steps),
+                            variant("unsloth", 1, EFFECTIVE_BATCH, args.last_steps, n)), strict=True))
     chosen = parts_to_run(plan, args.only)
     if args.warmup:
         results["warmup"] = {}
@@ -313,7 +314,7 @@ def main() -> None:
             results["warmup"][name] = {k: run.get(k) for k in ("steady_tokens_per_s", "late_tokens_per_s", "seconds",
                                                                "error") if k in run}
     # several processes against one at the same effective batch; the shipped rows per device against both
-    pairs = [(many, "unsloth-1proc"), (f"transformers-{n}proc", "unsloth-1proc"), (many, f"transformers-{n}proc"),
+    pairs = [(many, "unsloth-1proc"), (transformers, "unsloth-1proc"), (many, transformers),
              (per_device, accumulated), (per_device, "unsloth-1proc")]
     results["order"] = []  # the keys in the order they ran (the file's keys are sorted)
     for round_, parts in rounds(chosen[::-1] if args.reverse else chosen, args.repeat):
