@@ -24,29 +24,32 @@ def flat_update(self, key_states, value_states, layer_idx, *a, **k):
     values.view(B * H * L, D).index_copy_(0, idx.view(-1), value_states.reshape(B * H, D))
     return keys, values
 
-orig = dec._SlotCache.update
+orig = dec.SlotCache.update
 for name, upd in (("index_put", orig), ("index_copy", flat_update)):
-    dec._SlotCache.update = upd
+    dec.SlotCache.update = upd
     for B, L in ((16, 2048), (50, 2048), (16, 1024)):
         s = dec.SlotDecoder(model, B, L, 8192)
         prompts = [[5 + i % 7] * (300 + 20 * i) for i in range(B)]
         torch.cuda.synchronize(); t = time.perf_counter()
-        with torch.inference_mode(): s._prefill(list(enumerate(prompts))[::-1])
+        with torch.inference_mode():
+            for chunk in dec.prefill(model, s.cache, list(enumerate(prompts))[::-1], 8192):
+                s.slots.start(*chunk)
         torch.cuda.synchronize(); print(f"prefill {sum(map(len, prompts))} tokens: {time.perf_counter() - t:.2f}s")
         torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(50): s.graph.replay()
+        for _ in range(50): s.step.graph.replay()
         torch.cuda.synchronize(); ms = (time.perf_counter() - t) / 50 * 1000
         print(f"{name} B={B} L={L}: {ms:.2f} ms/step, {B/ms*1000:.0f} tok/s", flush=True)
         del s; torch.cuda.empty_cache()
-dec._SlotCache.update = orig
+dec.SlotCache.update = orig
 s = dec.SlotDecoder(model, 16, 2048, 8192)
-s._prefill(list(enumerate([[7] * 1000] * 16)))
+for chunk in dec.prefill(model, s.cache, list(enumerate([[7] * 1000] * 16)), 8192):
+    s.slots.start(*chunk)
 torch.cuda.synchronize()
 from torch.profiler import profile, ProfilerActivity
 with torch.inference_mode(), dec._decode_attention(model):
-    for _ in range(2): s._step()
+    for _ in range(2): s.step.forward()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
-        for _ in range(3): s._step()
+        for _ in range(3): s.step.forward()
         torch.cuda.synchronize()
 print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
