@@ -164,7 +164,7 @@ def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int]
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from stages.decoding import until_stop
+    from stages.slots import until_stop
 
     set_seed(seed)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))

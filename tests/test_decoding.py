@@ -85,6 +85,151 @@ def test_a_prompt_that_does_not_fit_is_refused(setup):
         decoder.run(prompts[:1], [5], [0])
 
 
+LATE = 24  # a late stop token: none of the free answers writes it among its first LATE tokens
+FREE_TOKENS = 100  # the longest cap below
+
+
+@pytest.fixture(scope="module")
+def late_case(setup):
+    """generate's free answers (no stop token, FREE_TOKENS each) and up to three stop tokens that
+    the random model first writes late in several of them (the most answers first)."""
+    model, _, prompts = setup
+    free = [_generate_one(model, ids, FREE_TOKENS, [10**6]) for ids in prompts]
+    late = {t for tokens in free for t in tokens} - {t for tokens in free for t in tokens[:LATE]}
+    stops = sorted(late, key=lambda t: (-sum(t in tokens for tokens in free), t))[:3]
+    return free, stops
+
+
+def _expected(free, caps, stops):
+    """What generate writes with these caps and stop tokens (greedy: the free answer, cut at its
+    first stop token or its cap), and which answers the cap cut off."""
+    answers, cut_off = [], []
+    for tokens, cap in zip(free, caps):
+        ends = [k for k, token in enumerate(tokens[:cap]) if token in stops]
+        answers.append(tokens[: ends[0]] if ends else tokens[:cap])
+        cut_off.append(not ends)
+    return answers, cut_off
+
+
+def test_late_stops_and_refills_after_a_first_answer_ended_write_what_generate_writes(setup, late_case):
+    # A slot keeps its finished answer's tokens, the stop token among them, past where the next
+    # answer has written: only the tokens written for the answer at hand may end it.
+    model, _, prompts = setup
+    free, stops = late_case
+    caps = [60, 80, 45, 70, 100, 100, 50]
+    reference, cut_off = _expected(free, caps, stops)
+    ends = [len(answer) for answer, cut in zip(reference, cut_off) if not cut]
+    assert len(ends) >= 3 and min(ends) >= LATE and any(cut_off), "late stops in several answers, caps in others"
+    first_wave = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[:2]  # the loop starts with the longest
+    assert not all(cut_off[i] for i in first_wave), "a slot's first answer ends at a stop token, then it is refilled"
+    decoder = SlotDecoder(model, slots=2, max_len=max(map(len, prompts)) + max(caps) + 8, prefill_tokens=300)
+    answers, stats = decoder.run(prompts, caps, stops)
+    assert answers == reference
+    assert stats.cut_off == cut_off
+    assert stats.new_tokens == sum(map(len, reference))
+
+
+def _scenario(prompts, free, stops):
+    """The longest prompt, whose answer ends early at a late stop, and the prompts whose answers
+    run FREE_TOKENS tokens without one (longest prompt first)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    early = order[0]
+    _, cut_off = _expected(free, [FREE_TOKENS] * len(free), stops)
+    assert not cut_off[early], "the longest prompt's answer ends at a stop token"
+    return early, [i for i in order if cut_off[i]]
+
+
+def test_an_idle_slot_past_max_len_leaves_the_other_answer_as_generate_writes_it(setup, late_case):
+    # The slot of the answer that ended keeps stepping (a CUDA graph runs all slots) while the
+    # other writes on: its position goes past max_len, and must stay inside its row.
+    model, _, prompts = setup
+    free, stops = late_case
+    early, long_ = _scenario(prompts, free, stops)
+    items, caps = [prompts[early], prompts[long_[0]]], [50, FREE_TOKENS]
+    reference, cut_off = _expected([free[early], free[long_[0]]], caps, stops)
+    max_len = max(len(ids) + cap + 8 for ids, cap in zip(items, caps))
+    assert len(items[0]) + len(reference[1]) > max_len + 8, "the idle slot steps well past max_len"
+    answers, stats = SlotDecoder(model, slots=2, max_len=max_len, prefill_tokens=1000).run(items, caps, stops)
+    assert answers == reference and stats.cut_off == cut_off == [False, True]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_slot_is_refilled_while_another_answer_is_still_written(setup, late_case, continuous):
+    # Two slots, three prompts: the first answer ends early; continuous batching gives its slot the
+    # third prompt at once, while the second answer still runs. Static batches make it wait.
+    model, _, prompts = setup
+    free, stops = late_case
+    early, long_ = _scenario(prompts, free, stops)
+    order = [early, long_[0], long_[1]]  # prefilled in this order: prompts longest first
+    items, caps = [prompts[i] for i in order], [50, FREE_TOKENS, 40]
+    reference, _ = _expected([free[i] for i in order], caps, stops)
+    assert len(reference[0]) + 2 * 8 < len(reference[1]), "the first answer ends looks before the second"
+    calls = []
+    decoder = SlotDecoder(model, slots=2, max_len=max(map(len, items)) + FREE_TOKENS + 8, prefill_tokens=1000)
+    answers, _ = decoder.run(items, caps, stops, continuous=continuous,
+                             stream=lambda index, tokens: calls.append((index, list(tokens))))
+    assert answers == reference
+    third_starts = next(k for k, (index, _) in enumerate(calls) if index == 2)
+    second_ends = calls.index((1, reference[1]))
+    assert calls[second_ends + 1:] == ([] if continuous else [call for call in calls if call[0] == 2])
+    assert (third_starts < second_ends) == continuous
+
+
+def test_prefill_puts_each_prompt_in_its_slot_as_if_it_were_read_alone(setup, late_case):
+    import torch
+    from transformers import DynamicCache
+
+    from stages.decoding import SlotCache, prefill
+    from stages.slots import Slots
+
+    model, _, prompts = setup
+    free, _ = late_case
+    slots = Slots(3, 256, model.device)
+    cache = SlotCache(model, slots)
+    assignments = [(2, prompts[6]), (0, prompts[0]), (1, prompts[5])]
+    assert [len(ids) for _, ids in assignments] == [212, 139, 208]
+    with torch.inference_mode():
+        passes = [[t.tolist() for t in chunk] for chunk in prefill(model, cache, assignments, 450)]
+    # (slots, first answer tokens, prompt lengths) per pass: 2 x 212 tokens fit 450, 3 x 212 would not
+    assert passes == [[[2, 0], [free[6][0], free[0][0]], [212, 139]], [[1], [free[5][0]], [208]]]
+    for slot, ids in assignments:
+        alone = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids]), past_key_values=alone, use_cache=True)
+        for layer, cached in enumerate(alone.layers):  # the padding of the shorter prompt changed nothing
+            torch.testing.assert_close(cache.keys[layer][slot, :, :len(ids)], cached.keys[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cache.values[layer][slot, :, :len(ids)], cached.values[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_decoding_step_writes_each_slots_token_and_keys_at_its_own_position(setup, late_case):
+    import torch
+    from transformers import DynamicCache
+
+    from stages.decoding import DecodeStep, SlotCache, prefill
+    from stages.slots import Slots
+
+    model, _, prompts = setup
+    free, _ = late_case
+    slots = Slots(3, 256, model.device)
+    cache = SlotCache(model, slots)
+    step = DecodeStep(model, slots, cache)
+    assert step.graph is None  # on a CPU the step runs eagerly
+    with torch.inference_mode():
+        for chunk in prefill(model, cache, [(0, prompts[6]), (2, prompts[0])], 10_000):
+            slots.start(*chunk)
+        step.advance(5)  # slot 1 holds no prompt: it steps along
+    assert slots.history[0, :6].tolist() == free[6][:6] and slots.history[2, :6].tolist() == free[0][:6]
+    assert slots.positions.tolist() == [len(prompts[6]) + 5, 5, len(prompts[0]) + 5] and slots.generated.tolist() == [6, 5, 6]
+    for slot, i in ((0, 6), (2, 0)):  # the answer's keys and values: those of one pass over prompt and answer
+        ids = prompts[i] + free[i][:5]
+        whole = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids]), past_key_values=whole, use_cache=True)
+        for layer, cached in enumerate(whole.layers):
+            torch.testing.assert_close(cache.keys[layer][slot, :, :len(ids)], cached.keys[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(cache.values[layer][slot, :, :len(ids)], cached.values[0], rtol=1e-4, atol=1e-5)
+
+
 def test_sampling_other_models_and_the_param_go_through_generate(setup, tiny_tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -208,6 +353,50 @@ def test_the_plan_for_the_8b_model_on_a_24_gb_card_worked_by_hand(llama_8b, monk
     assert memory.generate_rows(model, 500, 1536, 1792, "auto") == 5
     # scoring rows of 1,600 tokens: (4,831,838,208 - 1,313,341,440) // (1,600 x 167,936) = 13
     assert memory.scoring_rows(model, 1600, "auto") == 13
+
+
+def test_free_bytes_on_this_device():
+    import torch
+
+    if not torch.cuda.is_available():
+        # Nothing to read without CUDA, and the reading says so rather than inventing a number; the
+        # planners never ask there (test_without_a_gpu_auto_means_a_fixed_batch).
+        with pytest.raises((AssertionError, RuntimeError)):
+            memory.free_bytes()
+        return
+    size = 256 * 2**20
+    before = memory.free_bytes()
+    assert 0 < before <= torch.cuda.mem_get_info()[1]
+    block = torch.empty(size, dtype=torch.uint8, device="cuda")
+    assert abs(memory.free_bytes() - (before - size)) <= 2 * 2**20  # taken, whether from the cache or the device
+    del block  # back in PyTorch's cache, not on the device: still this process's to take
+    assert abs(memory.free_bytes() - before) <= 2 * 2**20
+
+
+def test_free_bytes_on_an_h100_holding_the_8b_model(llama_8b, monkeypatch):
+    # torch.cuda's three readings in a process that loaded Llama-3.1-8B in bf16 on an H100 80GB:
+    # - total 81,559 MiB (as nvidia-smi shows these H100s); the CUDA context and library handles
+    #   take 560 MiB outside PyTorch's allocator, so the empty card reads 80,999 MiB (79.1 GiB) free;
+    # - allocated: the weights, 8,030,261,248 parameters x 2 bytes = 16,060,522,496 bytes;
+    # - reserved 15,876 MiB: the weights' segments and ~560 MiB of loading buffers freed into
+    #   PyTorch's cache, which the device counts as used and this process can still take.
+    import torch
+
+    mib = 2**20
+    reserved, allocated = 15_876 * mib, 8_030_261_248 * 2
+    free = (81_559 - 560) * mib - reserved  # what cudaMemGetInfo reports: 65,123 MiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (free, 81_559 * mib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *device: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *device: allocated)
+    # 65,123 MiB free + 15,876 reserved - 15,316.49 allocated = 65,682.49 MiB (64.14 GiB); counting
+    # the weights as free would give back the empty card's 79.1 GiB
+    assert memory.free_bytes() == 68_873_084_928
+    model = _gpu_model(llama_8b)
+    # generate: (68,873,084,928 - 3 GiB reserve) // 964,131,840 bytes a row (see the 24 GB case) = 68 rows
+    assert memory.generate_rows(model, 500, 1536, 1792, "auto") == 68
+    # answers of up to 8,192 tokens: 131,072 x 8,192 + 8 x 8,192 + 8 x 128,256 = 1,074,833,408 bytes
+    # each, after a prefill of 8,192 tokens x 430,080 bytes: 62,128,644,096 // 1,074,833,408 = 57
+    assert memory.answer_plan(model, 500, 1536, 8192, "auto") == (57, 8192)
 
 
 def test_the_plan_at_its_edges(llama_8b, monkeypatch, setup):
