@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-from stages import paths
+from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.evaluation import stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
@@ -30,7 +30,7 @@ log = logging.getLogger("stages.predict")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("question", help="the question, in Korean as in training")
     parser.add_argument("--context", action="append", default=[], metavar="PARAGRAPH",
                         help="an abstract paragraph to answer from (repeat for several)")

@@ -17,6 +17,7 @@ import json
 import logging
 
 from stages import checkpoints, launch, paths
+from stages.cli import no_arguments
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import choose_backend, cuda_available, load_for_training
 from stages.outputs import check_writable, read_jsonl, staged
@@ -207,4 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

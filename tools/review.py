@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages import paths
+from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.headline import HEADLINE, verdict
 
@@ -230,7 +230,7 @@ def show_experiments(extra: list[str]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("base", nargs="?", help="git revision to compare with (e.g. main, origin/main)")
     parser.add_argument("--out", type=Path, help="write the comment here (default: print it)")
     parser.add_argument("--plots-dir", type=Path, help="also draw BASE's and this revision's plots together here")
@@ -245,7 +245,9 @@ def main(argv=None) -> None:
     if args.experiments:
         show_experiments(extra)
         return
-    if args.base is None or extra:
+    if extra:  # only the experiment table passes options on (to `dvc exp show`)
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}; see `python -m tools.review --help`")
+    if args.base is None:
         raise UserError("give the revision to compare with: python -m tools.review main")
     text = comment(args.base, args.link_base, args.plots_dir)
     if args.out:

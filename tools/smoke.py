@@ -14,7 +14,6 @@ table. Your params.yaml, dvc.lock and outputs are never touched. The tests use t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from stages import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore")
@@ -131,7 +132,7 @@ def run_grid(workspace: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("--dir", type=Path, default=Path("smoke"), help="workspace to (re)create")
     parser.add_argument("--grid", action="store_true", help=f"then queue and run the grid {GRID}")
     args = parser.parse_args()
