@@ -197,10 +197,12 @@ class SlotDecoder:
             self.generated[slots] = 1
 
     def run(self, prompts: list[list[int]], caps: list[int], stop_ids: list[int], continuous: bool = True,
-            stream: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], DecodeStats]:
+            stream: Callable[[int, list[int]], None] | None = None, progress: Callable[[int], None] | None = None
+            ) -> tuple[list[list[int]], DecodeStats]:
         """Each prompt's answer tokens (up to its stop token, at most its cap), in input order.
         continuous=False refills slots only when all are free (static batches, for comparison);
-        stream(prompt index, tokens so far) is called as answers grow, and once with each whole answer."""
+        stream(prompt index, tokens so far) is called as answers grow, and once with each whole answer;
+        progress(n) when n more answers are whole (a progress bar's update)."""
         import torch
 
         if any(len(ids) + cap + CHECK_EVERY > self.max_len for ids, cap in zip(prompts, caps)):
@@ -220,7 +222,10 @@ class SlotDecoder:
                         self.history[0, 0].item()  # waits for the first prefill
                         stats.first_token_s = time.perf_counter() - started
                 self._advance(CHECK_EVERY)
+                free = owner.count(None)
                 self._collect(owner, caps, stop_ids, answers, stats, stream)
+                if progress is not None and owner.count(None) > free:
+                    progress(owner.count(None) - free)  # each slot freed took out a whole answer
         stats.seconds = time.perf_counter() - started
         return answers, stats
 
