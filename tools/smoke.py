@@ -95,7 +95,7 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
         elif source.exists():
             shutil.copy2(source, dest / name)
     write_params(dest / "params.yaml", {**SMOKE_PARAMS, **(overrides or {})})
-    (dest / ".gitignore").write_text("/models/\n/data/prepared\n", encoding="utf-8")
+    (dest / ".gitignore").write_text("/models/\n/data/prepared\n/dvc_plots/\n", encoding="utf-8")
     build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json")
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "smoke@localhost"], dest)
