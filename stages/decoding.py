@@ -213,10 +213,12 @@ class SlotDecoder:
         self.warmup_s = time.perf_counter() - started
 
     def run(self, prompts: list[list[int]], caps: list[int], stop_ids: list[int], continuous: bool = True,
-            stream: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], DecodeStats]:
+            stream: Callable[[int, list[int]], None] | None = None, progress: Callable[[int], None] | None = None
+            ) -> tuple[list[list[int]], DecodeStats]:
         """Each prompt's answer tokens (up to its stop token, at most its cap), in input order.
         continuous=False refills slots only when all are free (static batches, for comparison);
-        stream(prompt index, tokens so far) is called as answers grow, and once with each whole answer."""
+        stream(prompt index, tokens so far) is called as answers grow, and once with each whole answer;
+        progress(n) when n more answers are whole (a progress bar's update)."""
         import torch
 
         if any(len(ids) + cap + CHECK_EVERY > self.max_len for ids, cap in zip(prompts, caps)):
@@ -235,8 +237,11 @@ class SlotDecoder:
                         slots.history[0, 0].item()  # waits for the first prefill
                         stats.first_token_s = time.perf_counter() - started
                 self.step.advance(CHECK_EVERY)
-                for index, answer, stopped in slots.collect(stream):
+                whole = slots.collect(stream)
+                for index, answer, stopped in whole:
                     answers[index], stats.cut_off[index] = answer, not stopped
                     stats.new_tokens += len(answer)
+                if progress is not None and whole:
+                    progress(len(whole))
         stats.seconds = time.perf_counter() - started
         return answers, stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -12,6 +13,23 @@ log = logging.getLogger("stages")
 
 class UserError(Exception):
     """A problem with the user's params, data, machine or environment, with what to do about it."""
+
+
+def _not_the_unsized_dataset_note(record: logging.LogRecord) -> bool:
+    """accelerate's "[RANK 0] The used dataset had no length, returning gathered tensors..." (INFO).
+
+    Accelerator.gather_for_metrics logs it at the end of a data loader that reports no remainder,
+    which is what a resumed train run iterates (seen 8 times in one resumed run's log). TRL's
+    SFTTrainer gathers its token accuracy and entropy that way on every step; this pipeline
+    records neither. Only that note is dropped; accelerate's other messages stay.
+    """
+    return "The used dataset had no length" not in record.getMessage()
+
+
+def progress_bars() -> bool:
+    """Progress bars only on a terminal: in a log file (`dvc repro 2> log`, a batch job) their
+    carriage-return updates would run into the log records."""
+    return sys.stderr.isatty()
 
 
 def setup_logging() -> None:
@@ -24,6 +42,15 @@ def setup_logging() -> None:
     # bitsandbytes warns on import about its CPU 4-bit kernels, which this pipeline never uses
     # (4-bit needs CUDA here): noise in every CPU log.
     logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
+    accelerate_log = logging.getLogger("accelerate.accelerator")
+    if _not_the_unsized_dataset_note not in accelerate_log.filters:
+        accelerate_log.addFilter(_not_the_unsized_dataset_note)
+    if not progress_bars():
+        # The libraries' own bars (datasets' map, transformers' weight loading, the hub's downloads,
+        # any other tqdm) read these when imported, which a stage does only after this; its own
+        # bars and the Trainer's ask progress_bars(). Processes a stage launches inherit them.
+        for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
 
 
 INTERRUPTED = (

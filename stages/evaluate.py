@@ -16,6 +16,7 @@ import logging
 
 from stages import paths
 from stages.bootstrap import paired_deltas
+from stages.cli import no_arguments
 from stages.errors import UserError, stage_entrypoint
 from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
@@ -75,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

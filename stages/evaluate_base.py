@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from stages import paths
+from stages.cli import no_arguments
 from stages.errors import stage_entrypoint
 from stages.evaluation import evaluate_model
 from stages.modeling import load_for_inference, load_tokenizer
@@ -41,4 +42,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from stages import paths
 from stages.decision import check_same_chat, choose, decision_summary, option_examples, reference_label
-from stages.errors import UserError
+from stages.errors import UserError, progress_bars
 from stages.outputs import read_jsonl
 from stages.prompt import IGNORE_INDEX, encode, tokenize_example
 from stages.rouge import RougeScorer, mean_scores
@@ -34,7 +34,15 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int | str) -> list[tuple[float, int]]:
+def progress_bar(total: int, desc: str, unit: str):
+    """A tqdm bar on a terminal (stderr), none in a log file: as the train stage's."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress_bars(), dynamic_ncols=True)
+
+
+def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int | str, desc: str = "scoring"
+                        ) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each example's labelled tokens, in input order.
 
     `examples` are `tokenize_example` outputs: prompt tokens masked, completion tokens scored.
@@ -49,7 +57,7 @@ def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     device, longest = model.device, max((len(e["input_ids"]) for e in examples), default=1)
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(len(examples), desc, "row") as bar:
         for batch in _batches(order, scoring_rows(model, longest, batch_size)):
             width = max(len(examples[i]["input_ids"]) for i in batch)
             pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
@@ -72,6 +80,7 @@ def completion_logprobs(model, tokenizer, examples: list[dict], batch_size: int 
             sums.index_add_(0, scored.nonzero()[:, 0], token_logprobs.double())
             for i, total, count in zip(batch, sums.tolist(), scored.sum(dim=1).tolist()):
                 results[i] = (total, count)
+            bar.update(len(batch))
     return results
 
 
@@ -87,15 +96,17 @@ def loss_summary(per_row: list[tuple[float, int]]) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(per_row), "answer_tokens": total_tokens}
 
 
-def answer_scores(model, tokenizer, rows: list[dict], batch_size: int | str) -> list[tuple[float, int]]:
+def answer_scores(model, tokenizer, rows: list[dict], batch_size: int | str, desc: str = "answer loss"
+                  ) -> list[tuple[float, int]]:
     """Per row: (sum of log-probabilities, count) of the reference answer's tokens, as in training."""
     examples = [tokenize_example(tokenizer, r["prompt"], r["completion"]) for r in rows]
-    return completion_logprobs(model, tokenizer, examples, batch_size)
+    return completion_logprobs(model, tokenizer, examples, batch_size, desc)
 
 
-def answer_loss(model, tokenizer, rows: list[dict], batch_size: int | str) -> dict[str, float]:
+def answer_loss(model, tokenizer, rows: list[dict], batch_size: int | str, desc: str = "answer loss"
+                ) -> dict[str, float]:
     """Mean cross-entropy per answer token (prompt tokens masked, as in training) and perplexity."""
-    return loss_summary(answer_scores(model, tokenizer, rows, batch_size))
+    return loss_summary(answer_scores(model, tokenizer, rows, batch_size, desc))
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -138,7 +149,9 @@ def generate_answers(model, tokenizer, prompts: list[str], eval_params, seed: in
     started = time.perf_counter()
     if refusal is None:
         slots, prefill_tokens = answer_plan(model, len(prompts), longest, max_len, eval_params.batch_size)
-        tokens, decoded = SlotDecoder(model, slots, max_len, prefill_tokens).run(encoded, caps, stop_ids)
+        with progress_bar(len(prompts), "generating", "answer") as bar:
+            tokens, decoded = SlotDecoder(model, slots, max_len, prefill_tokens).run(encoded, caps, stop_ids,
+                                                                                     progress=bar.update)
         cut_off, warmup_s = decoded.cut_off, decoded.warmup_s
     else:
         log.info("answers through transformers' generate: %s", refusal)
@@ -161,7 +174,6 @@ def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int]
                      batch_size: int, sampling: dict, seed: int) -> tuple[list[list[int]], list[bool]]:
     """transformers' generate: batches of similar length, left-padded, with `sampling`'s settings."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import set_seed
 
     from stages.slots import until_stop
@@ -169,7 +181,7 @@ def generate_batched(model, tokenizer, encoded: list[list[int]], caps: list[int]
     set_seed(seed)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers, cut_off = [[] for _ in encoded], [False] * len(encoded)
-    with torch.inference_mode(), tqdm(total=len(encoded), desc="generating", unit="answer") as bar:
+    with torch.inference_mode(), progress_bar(len(encoded), "generating", "answer") as bar:
         for batch in _batches(order, batch_size):
             width = max(len(encoded[i]) for i in batch)
             # Left padding: every prompt ends where generation starts.
@@ -197,7 +209,8 @@ def score_decisions(model, tokenizer, rows: list[dict], params) -> tuple[list[di
     for row in scored:
         check_same_chat(tokenizer, row, system, include_contexts)
         examples += option_examples(tokenizer, row, system, include_contexts, instruction, options)
-    logprobs, labels = completion_logprobs(model, tokenizer, examples, params.eval.batch_size), list(options)
+    logprobs = completion_logprobs(model, tokenizer, examples, params.eval.batch_size, "decisions")
+    labels = list(options)
     by_id = {}
     for k, row in enumerate(scored):
         per_option = {label: logprobs[k * len(labels) + j][0] for j, label in enumerate(labels)}
@@ -234,8 +247,8 @@ def evaluate_model(model, tokenizer, params) -> Evaluation:
     eval_params, seconds = params.eval, {}
     validation, test = read_split("validation"), read_split("test")
     started = time.perf_counter()
-    validation_loss = answer_loss(model, tokenizer, validation, eval_params.batch_size)
-    test_scores = answer_scores(model, tokenizer, test, eval_params.batch_size)
+    validation_loss = answer_loss(model, tokenizer, validation, eval_params.batch_size, "validation loss")
+    test_scores = answer_scores(model, tokenizer, test, eval_params.batch_size, "test loss")
     test_loss = loss_summary(test_scores)
     seconds["loss"] = time.perf_counter() - started
     log.info("loss: validation %.4f, test %.4f (%.1fs)", validation_loss["loss"], test_loss["loss"], seconds["loss"])

@@ -16,6 +16,7 @@ import shutil
 import time
 
 from stages import paths
+from stages.cli import no_arguments
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import load_errors
 from stages.outputs import atomic_dir, check_writable, remove_stale_temporaries
@@ -106,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

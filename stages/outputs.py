@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator
 from stages import paths
 from stages.errors import UserError
 
+log = logging.getLogger("stages.outputs")
 _TAGS = ("tmp", "old")
 
 
@@ -126,6 +128,8 @@ class Staged:
             for tmp, final in self._pairs:
                 if final in self._measurements:
                     tmp.unlink(missing_ok=True)  # the earlier measurement of these same outputs stays
+                    log.info("kept %s as dvc.lock records it: every other output reproduces dvc.lock exactly, "
+                             "so this run's new measurement is not written", final)
             self._pairs = [(tmp, final) for tmp, final in self._pairs if final not in self._measurements]
         for tmp, final in self._pairs:
             old = _temporary_sibling(final, "old")

@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from stages import paths
+from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.outputs import staged
 
@@ -156,7 +156,7 @@ def render(plots: list[dict], out_dir: Path) -> list[Path]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("revisions", nargs="*", help="also draw these git revisions' data (as `dvc plots diff`)")
     parser.add_argument("-o", "--out", type=Path, default=paths.PLOTS_DIR, help="folder to write the PNGs to")
     return parser.parse_args(argv)

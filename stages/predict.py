@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-from stages import paths
+from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.evaluation import stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
@@ -30,7 +30,7 @@ log = logging.getLogger("stages.predict")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("question", help="the question, in Korean as in training")
     parser.add_argument("--context", action="append", default=[], metavar="PARAGRAPH",
                         help="an abstract paragraph to answer from (repeat for several)")
@@ -129,6 +129,13 @@ def prompt_ids(tokenizer, params, question: str, contexts: list[str], max_new_to
     return ids
 
 
+def say_empty(new_tokens: int) -> None:
+    """One line (on stderr, beside the provenance line) for an answer with no text, which would
+    otherwise print as nothing at all."""
+    print(f"the model's answer is empty: {new_tokens} new tokens, none of them text (it ended its turn "
+          "at once, or wrote only white space or special tokens)", file=sys.stderr, flush=True)
+
+
 class _Printer:
     """Prints a growing answer as it comes (as evaluation records it: stripped), holding back a
     character still missing bytes; `finish` makes sure the whole answer ends up printed."""
@@ -144,6 +151,8 @@ class _Printer:
 
     def finish(self, tokens: list[int]) -> None:
         answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if not answer:
+            say_empty(len(tokens))
         if answer.startswith(self.printed):
             print(answer[len(self.printed):], flush=True)
         else:  # decoding more tokens rewrote text already printed: the whole answer again
@@ -171,12 +180,15 @@ def answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> None:
 
     log.info("answering through transformers' generate: %s", refusal)
     input_ids = torch.tensor([ids], device=model.device)
-    model.generate(
+    output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
+    new_tokens = output[0, len(ids):].tolist()
+    if not tokenizer.decode(new_tokens, skip_special_tokens=True).strip():
+        say_empty(len(new_tokens))
 
 
 @stage_entrypoint

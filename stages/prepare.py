@@ -13,6 +13,7 @@ import logging
 import time
 
 from stages import paths
+from stages.cli import no_arguments
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import load_tokenizer
 from stages.outputs import check_writable, jsonl_text, staged
@@ -115,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from stages.decision import both_decided, decision_metrics
+from stages.headline import verdict
 from stages.rouge import ROUGE_TYPES
 
 # Fields of a prediction record that belong to the model that answered (the rest is the question).
@@ -128,15 +129,13 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}".replace("-", "\u2212")
 
 
-def _change(tuned, base, delta: dict | None) -> tuple[str, bool | None]:
-    """'+0.021 [−0.004, +0.046]' and whether the interval lies above 0 (True), below (False), or spans it."""
+def _change(tuned, base, delta: dict | None) -> str:
+    """'+0.021 [−0.004, +0.046]': the change with its interval, or the bare change without one."""
     if delta is not None:
-        text = f"{_signed(delta['delta'])} [{_signed(delta['ci_low'])}, {_signed(delta['ci_high'])}]"
-        side = True if delta["ci_low"] > 0 else False if delta["ci_high"] < 0 else None
-        return text, side
+        return f"{_signed(delta['delta'])} [{_signed(delta['ci_low'])}, {_signed(delta['ci_high'])}]"
     if tuned is None or base is None:
-        return "", None
-    return _signed(tuned - base), None
+        return ""
+    return _signed(tuned - base)
 
 
 def _quote(text) -> str:
@@ -263,16 +262,16 @@ def report(tuned: dict, base: dict, deltas: dict, records: list[dict], info: dic
         if tuned_value is None and base_value is None:
             continue
         delta = deltas.get(name) if split == "test" else None
-        change, above = _change(tuned_value, base_value, delta)
-        verdict = "" if delta is None else "no clear change" if above is None else \
-            "**better**" if above == (direction > 0) else "**worse**"
-        lines.append(f"| {label} | {'higher' if direction > 0 else 'lower'} | {_number(base_value)} | "
-                     f"{_number(tuned_value)} | {change} | {verdict} |")
+        better = "higher" if direction > 0 else "lower"
+        said = verdict(delta, better)
+        said = f"**{said}**" if said in ("better", "worse") else said
+        lines.append(f"| {label} | {better} | {_number(base_value)} | {_number(tuned_value)} | "
+                     f"{_change(tuned_value, base_value, delta)} | {said} |")
     options = " / ".join(f"{word} ({label})" for label, word in decision["options"].items())
     skipped = ", ".join(f"{count} {why.replace('_', ' ')}" for why, count in decision["skipped"].items() if count)
     lines += ["", f"Change = fine-tuned minus base; the interval is a paired bootstrap over the test questions "
-              f"({bootstrap_samples} resamples, seeded): **better** / **worse** when it excludes 0. Perplexity "
-              "follows the loss; macro-F1, the cut share and validation have no interval. "
+              f"({bootstrap_samples} resamples, seeded): **better** / **worse** when it excludes 0, else no clear "
+              "change. Perplexity follows the loss; macro-F1, the cut share and validation have no interval. "
               f"ROUGE: mean per-question F1 over `{info['rouge']['tokenizer']}` tokens. Decision: the option "
               f"({options}) with the highest log-likelihood as the whole reply; {decision['n']} questions scored"
               + (f", skipped: {skipped} final_decision." if skipped else "."), "",

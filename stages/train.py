@@ -17,7 +17,8 @@ import json
 import logging
 
 from stages import checkpoints, launch, paths
-from stages.errors import UserError, stage_entrypoint
+from stages.cli import no_arguments
+from stages.errors import UserError, progress_bars, stage_entrypoint
 from stages.modeling import choose_backend, cuda_available, load_for_training
 from stages.outputs import check_writable, read_jsonl, staged
 from stages.params import load_params
@@ -79,6 +80,7 @@ def sft_config(train, seed: int, max_length: int, on_cuda: bool):
         completion_only_loss=train.completion_only_loss,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
+        disable_tqdm=not progress_bars(),  # a bar on a terminal; in a log file the step lines say as much
         use_cpu=not on_cuda,  # also what makes accelerate run several CPU processes as DDP (gloo)
         ddp_find_unused_parameters=False,  # LoRA leaves the frozen base's parameters without gradients
     )
@@ -207,4 +209,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

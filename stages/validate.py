@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from stages import paths
+from stages.cli import no_arguments
 from stages.errors import UserError, stage_entrypoint
 from stages.modeling import is_hub_id
 from stages.outputs import write_text
@@ -47,4 +48,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

@@ -13,7 +13,7 @@ from stages.params import load_params
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 # Shared plumbing that never changes what a stage computes: no dvc.yaml dep needed.
-PLUMBING = {"errors", "params", "paths", "outputs", "__init__"}
+PLUMBING = {"errors", "cli", "params", "paths", "outputs", "__init__"}
 WHOLE_FILE = [{"params.yaml": None}]  # dvc.yaml's way to depend on every param
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -151,6 +152,28 @@ def test_batched_and_one_at_a_time_greedy_answers_are_the_same(pipeline_run, bas
     assert batched == single
     assert len(set(single)) == len(single), "distinct answers, or a reordering could not show"
     assert 0 < stats["mean_new_tokens"] <= eval_params.max_new_tokens
+
+
+@pytest.mark.parametrize("decoder", ["fast", "generate"])
+def test_scoring_and_generation_show_a_progress_bar_on_a_terminal_only(pipeline_run, base, decoder, monkeypatch,
+                                                                        capsys):
+    from stages import evaluation
+
+    model, tokenizer = base
+    eval_params = load_params(pipeline_run / "params.yaml").eval.model_copy(update={"batch_size": 2,
+                                                                                    "decoder": decoder})
+    rows = _rows(pipeline_run, "test")
+    for terminal in (True, False):
+        monkeypatch.setattr(evaluation, "progress_bars", lambda: terminal)
+        capsys.readouterr()
+        answer_loss(model, tokenizer, rows, 2, "test loss")
+        generate_answers(model, tokenizer, [row["prompt"] for row in rows], eval_params, 0)
+        err = capsys.readouterr().err
+        if terminal:  # each bar counts to the last row and answer (5 test questions, 2 at a time)
+            assert re.search(rf"test loss: 100%\S* {len(rows)}/{len(rows)}", err), err
+            assert re.search(rf"generating: 100%\S* {len(rows)}/{len(rows)}", err), err
+        else:  # a log file: no bar at all
+            assert "test loss" not in err and "generating" not in err, err
 
 
 def test_each_recorded_answer_is_the_answer_to_its_own_question(pipeline_run, base):

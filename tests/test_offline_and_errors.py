@@ -181,3 +181,21 @@ def test_out_of_gpu_memory_suggests_params_that_keep_the_effective_batch(workspa
     assert "Traceback" not in error
     advice = train.out_of_memory_advice(TrainParams(), 2048)
     assert "per_device_train_batch_size=6 -S train.gradient_accumulation_steps=2" in advice
+
+
+def test_accelerates_note_about_an_unsized_dataset_is_dropped_and_nothing_else(caplog, monkeypatch):
+    from accelerate import PartialState
+    from accelerate.logging import get_logger
+
+    from stages.errors import setup_logging
+
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # setup_logging sets them here (no terminal): undone after
+    setup_logging()
+    PartialState(cpu=True)
+    accelerate_log = get_logger("accelerate.accelerator")  # as accelerate's Accelerator logs, "[RANK 0] " first
+    with caplog.at_level("INFO"):
+        accelerate_log.info("The used dataset had no length, returning gathered tensors. You should drop the "
+                            "remainder yourself.")
+        accelerate_log.info("another note")
+    assert [r.getMessage() for r in caplog.records if r.name == "accelerate.accelerator"] == ["[RANK 0] another note"]

@@ -103,18 +103,25 @@ def _run(adapter_bytes: bytes, seconds: float) -> None:
         out.measurement(Path("cost.json"), {"runtime_s": seconds})
 
 
-def test_a_rerun_that_reproduces_the_locked_outputs_keeps_their_cost(tmp_path, monkeypatch):
+def test_a_rerun_that_reproduces_the_locked_outputs_keeps_their_cost(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level("INFO", logger="stages.outputs")
     _run(b"w1", 10.0)  # no dvc.lock yet: the measurement is written
     assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 10.0}
     _lock(tmp_path, ["adapter", "train.json", "cost.json"])
+    assert not caplog.records
 
     _run(b"w1", 12.5)  # bit for bit the same result: the earlier measurement stays, bytes and all
     assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 10.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cost.json", "dvc.lock", "train.json"]
+    # and the log says so, in one line: a cost file left as it was is no surprise
+    [kept] = caplog.records
+    assert kept.levelname == "INFO" and kept.getMessage().startswith("kept cost.json as dvc.lock records it")
+    caplog.clear()
 
     _run(b"w2", 14.0)  # another adapter: a new measurement
     assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 14.0}
+    assert not caplog.records
     (tmp_path / "cost.json").write_text('{"runtime_s": 99.0}')  # not what dvc.lock records: replaced
     _lock(tmp_path, ["adapter", "train.json"])
     _run(b"w2", 15.0)

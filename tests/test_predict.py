@@ -54,3 +54,23 @@ def test_a_streamed_answer_that_decoding_rewrites_is_printed_whole(capsys):
     printer(0, [1, 2])  # no longer extends what was printed: nothing more yet
     printer.finish([1, 2])
     assert capsys.readouterr().out == "안녕 '\n안녕'하세요\n"  # stripped, as evaluation records answers
+
+
+class _Silent:
+    """A tokenizer stand-in whose every token decodes to no text (an end of turn, white space)."""
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " " * len(tokens)
+
+
+def test_an_empty_answer_is_one_line_on_stderr(capsys):
+    printer = predict._Printer(_Silent())
+    printer(0, [7])
+    printer.finish([7, 8])
+    out, err = capsys.readouterr()
+    assert out == "\n"  # the answer itself: nothing
+    assert err.splitlines() == ["the model's answer is empty: 2 new tokens, none of them text (it ended its turn "
+                                "at once, or wrote only white space or special tokens)"]
+    printer = predict._Printer(_Decoder())
+    printer.finish([1])
+    assert capsys.readouterr().err == ""  # an answer with text says nothing more

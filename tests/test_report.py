@@ -260,16 +260,16 @@ point values.
 | metric | better | base | fine-tuned | change [95% interval] | verdict |
 | --- | --- | ---: | ---: | --- | --- |
 | decision accuracy | higher | 1.0000 | 1.0000 | +0.000 [+0.000, +0.000] | no clear change |
-| decision macro-F1 | higher | 1.0000 | 1.0000 | +0.000 |  |
+| decision macro-F1 | higher | 1.0000 | 1.0000 | +0.000 | no interval |
 | ROUGE-L F1 | higher | 0.3000 | 0.3667 | +0.067 [+0.000, +0.300] | no clear change |
 | answer loss (nats/token) | lower | 1.5000 | 1.0000 | \u22120.500 [\u22120.700, +0.000] | no clear change |
-| validation answer loss | lower | 1.6000 | 1.1000 | \u22120.500 |  |
+| validation answer loss | lower | 1.6000 | 1.1000 | \u22120.500 | no interval |
 
 Change = fine-tuned minus base; the interval is a paired bootstrap over the test questions (200 resamples, \
-seeded): **better** / **worse** when it excludes 0. Perplexity follows the loss; macro-F1, the cut share and \
-validation have no interval. ROUGE: mean per-question F1 over `char` tokens. Decision: the option (예 (yes) / \
-아니요 (no)) with the highest log-likelihood as the whole reply; 1 questions scored, skipped: 1 missing, 1 not an \
-option final_decision.
+seeded): **better** / **worse** when it excludes 0, else no clear change. Perplexity follows the loss; macro-F1, \
+the cut share and validation have no interval. ROUGE: mean per-question F1 over `char` tokens. Decision: the \
+option (예 (yes) / 아니요 (no)) with the highest log-likelihood as the whole reply; 1 questions scored, skipped: \
+1 missing, 1 not an option final_decision.
 
 Answers cut at max_new_tokens = 64: base 1 of 3, fine-tuned 0 of 3.
 
@@ -334,8 +334,8 @@ def test_a_metric_one_model_lacks_reads_n_a_and_a_change_needs_both():
     tuned = {"test": {"rougeL": 0.4}, "validation": {}}
     base = {"test": {"rougeL": 0.3, "loss": 1.5}, "validation": {}}
     text = report(tuned, base, {}, RECORDS, info(50), IDENTITY, 0, 1000)
-    assert _row(text, "answer loss (nats/token)") == "| answer loss (nats/token) | lower | 1.5000 | n/a |  |  |"
-    assert _row(text, "ROUGE-L F1") == "| ROUGE-L F1 | higher | 0.3000 | 0.4000 | +0.100 |  |"
+    assert _row(text, "answer loss (nats/token)") == "| answer loss (nats/token) | lower | 1.5000 | n/a |  | no interval |"
+    assert _row(text, "ROUGE-L F1") == "| ROUGE-L F1 | higher | 0.3000 | 0.4000 | +0.100 | no interval |"
 
 
 def test_the_identity_line_says_what_git_could_not_tell_and_shortens_long_values():
@@ -384,3 +384,23 @@ def test_plot_rows_pair_each_question_and_skip_unscored_decisions():
     assert rouge_plot(records) == [{"id": "q1", "base": 0.1, "fine_tuned": 0.6},
                                    {"id": "q2", "base": 0.5, "fine_tuned": 0.2},
                                    {"id": "q3", "base": 0.3, "fine_tuned": 0.3}]
+
+
+def test_the_verdict_rule_needs_an_interval_that_excludes_0():
+    from stages.headline import verdict
+
+    interval = lambda low, high: {"delta": (low + high) / 2, "ci_low": low, "ci_high": high}  # noqa: E731
+    assert verdict(interval(0.01, 0.2), "higher") == "better"
+    assert verdict(interval(0.01, 0.2), "lower") == "worse"
+    assert verdict(interval(-0.2, -0.01), "lower") == "better"
+    assert verdict(interval(-0.2, -0.01), "higher") == "worse"
+    # a positive change whose interval touches or spans 0 is no verdict in either direction
+    assert verdict(interval(0.0, 0.3), "higher") == "no clear change"
+    assert verdict(interval(-0.3, 0.0), "lower") == "no clear change"
+    assert verdict(interval(-0.01, 0.3), "higher") == "no clear change"
+    # no interval (or not a number) is not a verdict
+    assert verdict(None, "higher") == "no interval"
+    assert verdict({"delta": 0.1, "ci_low": None, "ci_high": None}, "higher") == "no interval"
+    assert verdict(interval(float("nan"), 0.3), "higher") == "no interval"
+    with pytest.raises(ValueError):
+        verdict(interval(0.1, 0.2), "up")

@@ -154,13 +154,16 @@ def test_the_review_comment_compares_params_headline_metrics_report_and_plots(tw
     # headline metrics, with direction: lower train loss is better, higher ROUGE-L is better
     row = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines
            if line.startswith("| `")}
-    assert row["`train.loss` (lower is better)"] == ["1.5000", "1.2000", "-0.3000", "better"]
-    assert row["`train.eval_loss_best` (lower is better)"] == ["1.4000", "1.5000", "+0.1000", "worse"]
-    assert row["`tuned.test.rougeL` (higher is better)"] == ["0.2000", "0.2500", "+0.0500", "better"]
-    assert row["`tuned.test.loss` (lower is better)"][-1] == "same"
-    assert row["`tuned.test.accuracy` (higher is better)"] == ["n/a", "0.6000", "n/a", "n/a"]
-    assert row["`vs_base.test.rougeL.delta` (higher is better)"] == ["n/a", "n/a", "n/a", "n/a"]
-    assert len(row) == len(HEADLINE)
+    # a change without a paired interval (no per-question predictions here) is no verdict
+    assert row["`train.loss` (lower is better)"] == ["1.5000", "1.2000", "-0.3000", "no interval"]
+    assert row["`train.eval_loss_best` (lower is better)"] == ["1.4000", "1.5000", "+0.1000", "no interval"]
+    assert row["`tuned.test.rougeL` (higher is better)"] == ["0.2000", "0.2500", "+0.0500", "no interval"]
+    assert row["`tuned.test.loss` (lower is better)"] == ["1.3000", "1.3000", "+0.0000", "no interval"]
+    assert row["`tuned.test.accuracy` (higher is better)"] == ["n/a", "0.6000", "n/a", "no interval"]
+    # fine-tuned minus base within each revision: a table of its own, n/a where a revision has none
+    assert row["`vs_base.test.rougeL` (higher is better)"] == ["n/a", "n/a"]
+    within = [m for m in HEADLINE if m.key.startswith("vs_base.") and m.key.endswith(".delta")]
+    assert len(row) == len([m for m in HEADLINE if not m.key.startswith("vs_base.")]) + len(within)
     # the cost moved too, folded away with the other changed metrics
     assert "| metrics/cost/train.json | `train.tokens_per_s` | 900.0000 | 1,100.0 |" in lines
     # the report's summary table, and the plots: the committed PNG linked, both revisions drawn
@@ -206,3 +209,119 @@ def test_the_workflow_posts_the_same_command_on_pull_requests():
     assert any(r.startswith("cml comment update") and "review.md" in r for r in runs)
     # and `make review` runs the same module
     assert "-m tools.review $(BASE)" in (ROOT / "Makefile").read_text(encoding="utf-8")
+
+
+# --- one rule for verdicts: the report, the comment and the experiment table on the same run ----
+
+def _five_questions(tuned_rouge: list[float], tuned_nll: list[float]) -> list[dict]:
+    """Side-by-side records of 5 test questions; the base model's answers are the same in every run."""
+    base_rouge, base_nll = [0.1, 0.3, 0.4, 0.2, 0.3], [2.0, 2.0, 2.0, 2.0, 2.0]
+    decisions = ["yes", "no", "yes", "no", "yes"]
+    records = []
+    for k in range(5):
+        model = {"rouge1": tuned_rouge[k], "rouge2": tuned_rouge[k], "rougeL": tuned_rouge[k], "answer": f"a{k}",
+                 "cut_off": False, "answer_nll": tuned_nll[k], "answer_tokens": 10, "decision": decisions[k],
+                 "option_logprobs": {"yes": -1.0, "no": -1.0}}
+        base = {"rouge1": base_rouge[k], "rouge2": base_rouge[k], "rougeL": base_rouge[k], "answer": f"b{k}",
+                "cut_off": False, "answer_nll": base_nll[k], "answer_tokens": 10, "decision": decisions[k],
+                "option_logprobs": {"yes": -1.0, "no": -1.0}}
+        records.append({"id": f"q{k}", "question": f"q{k}?", "reference": f"r{k}", "reference_decision": "yes",
+                        **model, **{f"base_{field}": value for field, value in base.items()}})
+    return records
+
+
+def _write_run(repo: Path, records: list[dict]) -> None:
+    """What the evaluate stage writes from these records: eval.json, predictions.jsonl and the report."""
+    from stages.bootstrap import paired_deltas
+    from stages.decision import decision_summary
+    from stages.outputs import dumps_json, jsonl_text
+    from stages.params import load_params
+    from stages.report import report
+    from stages.rouge import mean_scores
+
+    params = load_params(repo / "params.yaml")
+    options = {"yes": "예", "no": "아니요"}
+
+    def quality(prefix):
+        model = [{"id": r["id"], "reference_decision": r["reference_decision"],
+                  **{k: r[f"{prefix}{k}"] for k in ("rouge1", "rouge2", "rougeL", "decision")}} for r in records]
+        loss = sum(r[f"{prefix}answer_nll"] for r in records) / sum(r[f"{prefix}answer_tokens"] for r in records)
+        return {"test": {"loss": loss, **mean_scores(model), **decision_summary(model, options)[0]}}, model
+
+    (tuned, model), (base, _) = quality(""), quality("base_")
+    deltas = paired_deltas(records, params.eval.bootstrap_samples, params.seed)
+    info = {"test": {"n": 5}, "validation": {"n": 5}, "decision": decision_summary(model, options)[1],
+            "generation": {"max_new_tokens": 8, "cut_off": 0}, "rouge": {"tokenizer": "char"}}
+    identity = {"commit": None, "experiment": None, "code_changed": False, "changed": [], "model": "m", "base": "b"}
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / paths.EVAL_METRICS).write_text(dumps_json({"tuned": tuned, "vs_base": {"test": deltas}}))
+    (repo / paths.PREDICTIONS).write_text(jsonl_text(records), encoding="utf-8")
+    (repo / paths.REPORT).write_text(report({**tuned, "validation": {}}, {**base, "validation": {}}, deltas,
+                                            records, info, identity, 0, params.eval.bootstrap_samples))
+
+
+@pytest.fixture(scope="module")
+def untrained_then_tuned(tmp_path_factory) -> Path:
+    """A base commit whose "fine-tuned" model answers as the base model does (an untrained adapter),
+    then a commit whose fine-tuned model does better on 5 questions: ROUGE-L up, but on so few
+    questions that its interval spans 0; the answer loss lower on every question."""
+    from tools.smoke import dvc_environment
+
+    repo = tmp_path_factory.mktemp("verdicts") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, repo / name)
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@localhost")
+    _git(repo, "config", "user.name", "t")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=dvc_environment())
+    _write_run(repo, _five_questions([0.1, 0.3, 0.4, 0.2, 0.3], [2.0] * 5))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "untrained")
+    _write_run(repo, _five_questions([0.5, 0.3, 0.2, 0.6, 0.3], [1.5, 1.6, 1.7, 1.4, 1.5]))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tuned")
+    return repo
+
+
+def test_the_report_the_comment_and_the_experiment_table_give_one_verdict(untrained_then_tuned, tmp_path):
+    repo = untrained_then_tuned
+    vs_base = json.loads((repo / paths.EVAL_METRICS).read_text())["vs_base"]["test"]
+    # the premise: ROUGE-L rose, but its interval spans 0; the loss fell with an interval below 0
+    assert vs_base["rougeL"]["delta"] > 0 and vs_base["rougeL"]["ci_low"] <= 0 <= vs_base["rougeL"]["ci_high"]
+    assert vs_base["loss"]["ci_high"] < 0
+
+    report_rows = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+                   for line in (repo / paths.REPORT).read_text(encoding="utf-8").splitlines() if line.startswith("| ")}
+    assert report_rows["ROUGE-L F1"] == "no clear change"
+    assert report_rows["answer loss (nats/token)"] == "**better**"
+    assert report_rows["decision macro-F1"] == "no interval"
+
+    result = review(repo, "HEAD~1")
+    assert result.returncode == 0, result.stderr
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in result.stdout.splitlines() if line.startswith("| `")}
+    # this revision minus the untrained one is, question by question, fine-tuned minus base: the same
+    # pairs, resamples and seed give the same interval and the same verdict as the report's
+    rouge = cells["`tuned.test.rougeL` (higher is better)"]
+    ci = f"[{vs_base['rougeL']['ci_low']:+.4f}, {vs_base['rougeL']['ci_high']:+.4f}]"
+    assert rouge[2] == f"{vs_base['rougeL']['delta']:+.4f} {ci}" and rouge[3] == "no clear change"
+    assert cells["`tuned.test.loss` (lower is better)"][3] == "better"
+    assert cells["`train.loss` (lower is better)"][3] == "no interval"  # no per-question data
+    # the base model answered the same in both revisions: an interval of exactly 0
+    assert cells["`base.test.rougeL` (higher is better)"][3] == "no clear change"
+    # each revision's own fine-tuned minus base
+    assert cells["`vs_base.test.rougeL` (higher is better)"] == [
+        "+0.0000 [+0.0000, +0.0000]: no clear change", f"{vs_base['rougeL']['delta']:+.4f} {ci}: no clear change"]
+    assert "| `tuned.test.rougeL` (higher is better) |" in result.stdout and "better" not in rouge[3]
+
+    # `make exps` shows the values alone (here the untrained run in the workspace against the commit):
+    # no verdict there to disagree with the other two
+    from tools.smoke import dvc_environment
+
+    shutil.copytree(repo, tmp_path / "ws", symlinks=True)
+    _write_run(tmp_path / "ws", _five_questions([0.1, 0.3, 0.4, 0.2, 0.3], [2.0] * 5))
+    table = subprocess.run([sys.executable, "-m", "tools.review", "--experiments"], cwd=tmp_path / "ws", text=True,
+                           capture_output=True, env={**dvc_environment(), "COLUMNS": "200", "PYTHONPATH": str(ROOT)})
+    assert table.returncode == 0, table.stderr
+    assert "rougeL" in table.stdout and not re.search(r"better|worse|clear change", table.stdout), table.stdout

@@ -64,6 +64,7 @@ def repo(smoke_template, tmp_path_factory):
     shutil.copytree(smoke_template, dest, symlinks=True)
     output = dvc("repro", cwd=dest)
     assert ran(output) == STAGES
+    (dest.parent / "repro.log").write_text(output, encoding="utf-8")  # what `dvc repro > log 2>&1` keeps
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "baseline run", cwd=dest)
     return dest
@@ -184,6 +185,25 @@ def test_plots_show_renders_the_decision_matrices_and_the_rouge_scatter(repo):
     [scatter] = shown["ROUGE-L per test question, base (x) vs fine-tuned (y)"]
     assert len(scatter["content"]["data"]["values"]) == 5
 
+
+
+def test_a_run_logged_to_a_file_has_one_record_per_line(repo):
+    log = (repo.parent / "repro.log").read_text(encoding="utf-8")
+    # no progress bar (the Trainer's, datasets', evaluation's) redrawn with carriage returns
+    assert "\r" not in log and not re.search(r"\d+%\|", log), log[-3000:]
+    # each stage's records, each on a line of its own
+    assert re.search(r"^\d\d:\d\d:\d\d INFO stages\.train: step 1/\d+  loss", log, re.M), log[-3000:]
+    assert re.search(r"^\d\d:\d\d:\d\d INFO stages\.evaluate: wrote metrics/eval\.json", log, re.M), log[-3000:]
+
+
+def test_the_html_of_dvc_plots_show_is_not_a_change_to_commit(repo):
+    dvc("plots", "show", cwd=repo)
+    try:
+        assert (repo / "dvc_plots/index.html").is_file()
+        assert git_out("status", "--porcelain", "--", "dvc_plots", cwd=repo) == ""  # in the smoke workspace
+        assert subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=ROOT).returncode == 0
+    finally:
+        shutil.rmtree(repo / "dvc_plots", ignore_errors=True)
 
 
 RESULTS = ("data", "models/adapter", "models/merged", "metrics", "dvclive", "dvc.lock")

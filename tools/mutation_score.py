@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import sys
+
+from stages.cli import no_arguments
 from collections import Counter, defaultdict
 
 # "    stages.records.x_clean_records__mutmut_12: killed" (methods: "stages.rouge.xǁClassǁmethod__mutmut_3")
@@ -48,4 +50,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__spec__.name, __doc__)
     main()

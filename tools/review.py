@@ -11,6 +11,12 @@ and, with --plots-dir, PNGs of BASE's and this revision's curves drawn together.
 and the report are in git, so it needs no GPU and no DVC remote;
 .github/workflows/review.yml posts it on every pull request.
 
+Verdicts follow stages.headline.verdict, as the report's do: a test metric of either model gets a
+paired bootstrap interval of this revision minus BASE over the questions both revisions'
+metrics/predictions.jsonl answer (from git), and "better" / "worse" only when it excludes 0; a
+metric without per-question data (the train losses) says "no interval". Fine-tuned minus base
+within each revision (the `vs_base` intervals) is a table of its own.
+
 `--experiments` is `dvc exp show --only-changed` without the columns that push the changed params
 off a 120-column screen: every metric not marked for the table in stages/headline.py, the
 dependency hashes, the creation time and the queue's state and executor.
@@ -25,11 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages import paths
+from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
-from stages.headline import HEADLINE
-
-VERDICT = {1: "better", -1: "worse", 0: "same"}
+from stages.headline import HEADLINE, verdict
 
 
 def dvc(*args: str) -> str:
@@ -55,20 +59,86 @@ def _number(value) -> str:
     return str(value)
 
 
-def _verdict(old, new, better: str) -> str:
-    if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
-        return "n/a"
-    sign = (new > old) - (new < old)
-    return VERDICT[sign if better == "higher" else -sign]
+def _interval(interval: dict) -> str:
+    return f"[{interval['ci_low']:+.4f}, {interval['ci_high']:+.4f}]"
 
 
-def headline_table(values: dict, base: str) -> str:
-    lines = [f"| metric | {base} | this revision | change | verdict |", "| --- | ---: | ---: | ---: | --- |"]
-    for metric in HEADLINE:
+def _predictions_at(base: str) -> list[dict] | None:
+    """BASE's metrics/predictions.jsonl, from git (it is committed with dvc.lock), or None."""
+    result = subprocess.run(["git", "show", f"{base}:./{paths.PREDICTIONS.as_posix()}"], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        return None
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+def _as_base_model(record: dict) -> dict:
+    """A side-by-side record's base-model fields, named as the fine-tuned model's are."""
+    from stages.report import MODEL_FIELDS
+
+    return {"id": record["id"], "reference_decision": record.get("reference_decision"),
+            **{field: record.get(f"base_{field}") for field in MODEL_FIELDS}}
+
+
+def revision_intervals(base: str) -> dict[str, dict]:
+    """Headline key -> paired bootstrap interval of this revision minus BASE, per test question.
+
+    From both revisions' metrics/predictions.jsonl: `tuned.test.*` from the fine-tuned model's
+    answers, `base.test.*` from the base model's. Empty for a model whose answers either revision
+    lacks or holds for other questions: no pairs, no interval. Resamples and seed from params.yaml.
+    """
+    old = _predictions_at(base)
+    if old is None or not paths.PREDICTIONS.exists():
+        return {}
+    from stages.bootstrap import paired_deltas
+    from stages.outputs import read_jsonl
+    from stages.params import load_params
+    from stages.report import side_by_side
+
+    new, params = read_jsonl(paths.PREDICTIONS), load_params()
+    intervals = {}
+    for model, fields in (("tuned", dict), ("base", _as_base_model)):
+        try:
+            pairs = side_by_side([fields(r) for r in new], [fields(r) for r in old])
+            deltas = paired_deltas(pairs, params.eval.bootstrap_samples, params.seed)
+        except (KeyError, TypeError, ValueError):  # other questions, or records of an older format
+            continue
+        intervals.update({f"{model}.test.{name}": interval for name, interval in deltas.items()})
+    return intervals
+
+
+def _is_vs_base(metric) -> bool:
+    return metric.key.startswith("vs_base.")
+
+
+def headline_table(values: dict, base: str, intervals: dict[str, dict]) -> str:
+    """Each revision's headline metrics; the change with its interval and verdict where there is one."""
+    lines = [f"| metric | {base} | this revision | change [95% interval] | verdict |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for metric in (m for m in HEADLINE if not _is_vs_base(m)):
         old, new = values.get((metric.file, metric.key), (None, None))
-        change = f"{new - old:+.4f}" if isinstance(old, (int, float)) and isinstance(new, (int, float)) else "n/a"
+        interval = intervals.get(metric.key)
+        if interval is not None:  # the paired change: over the questions both revisions answered
+            change = f"{interval['delta']:+.4f} {_interval(interval)}"
+        else:
+            change = f"{new - old:+.4f}" if isinstance(old, (int, float)) and isinstance(new, (int, float)) else "n/a"
         lines.append(f"| `{metric.key}` ({metric.better} is better) | {_number(old)} | {_number(new)} | {change} "
-                     f"| {_verdict(old, new, metric.better)} |")
+                     f"| {verdict(interval, metric.better)} |")
+    return "\n".join(lines)
+
+
+def within_revisions_table(values: dict, base: str) -> str:
+    """Fine-tuned minus base as each revision measured it (its `vs_base` interval), with its verdict."""
+    lines = [f"| fine-tuned minus base | {base} | this revision |", "| --- | --- | --- |"]
+    for metric in (m for m in HEADLINE if _is_vs_base(m) and m.key.endswith(".delta")):
+        stem, cells = metric.key.removesuffix(".delta"), []
+        for side in (0, 1):  # BASE, this revision
+            interval = {part: values.get((metric.file, f"{stem}.{part}"), (None, None))[side]
+                        for part in ("delta", "ci_low", "ci_high")}
+            said = verdict(interval, metric.better)
+            shown = "" if said == "no interval" else f" {_interval(interval)}"
+            cells.append("n/a" if interval["delta"] is None else f"{interval['delta']:+.4f}{shown}: {said}")
+        lines.append(f"| `{stem}` ({metric.better} is better) | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -103,8 +173,11 @@ def comment(base: str, link_base: str = "", plots_dir: Path | None = None) -> st
     headline = {(m.file, m.key) for m in HEADLINE}
     changed = {k: v for k, v in values.items() if k not in headline and v[0] != v[1]}
     params = dvc("params", "diff", base, "--md").strip() or f"No params changed against {base}."
-    lines = [f"## Review against {base}", "", "### Headline metrics", "", headline_table(values, base), "",
-             "### Params", "", params, ""]
+    lines = [f"## Review against {base}", "", "### Headline metrics", "",
+             headline_table(values, base, revision_intervals(base)), "",
+             "Change = this revision minus " + base + "; the interval is a paired bootstrap over the test questions "
+             "both revisions answered: better / worse only when it excludes 0.", "",
+             within_revisions_table(values, base), "", "### Params", "", params, ""]
     if changed:
         lines += [f"<details><summary>{len(changed)} other metrics changed (quality and cost)</summary>", "",
                   "| file | metric | " + base + " | this revision |", "| --- | --- | ---: | ---: |"]
@@ -157,7 +230,7 @@ def show_experiments(extra: list[str]) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("base", nargs="?", help="git revision to compare with (e.g. main, origin/main)")
     parser.add_argument("--out", type=Path, help="write the comment here (default: print it)")
     parser.add_argument("--plots-dir", type=Path, help="also draw BASE's and this revision's plots together here")
@@ -172,7 +245,9 @@ def main(argv=None) -> None:
     if args.experiments:
         show_experiments(extra)
         return
-    if args.base is None or extra:
+    if extra:  # only the experiment table passes options on (to `dvc exp show`)
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}; see `python -m tools.review --help`")
+    if args.base is None:
         raise UserError("give the revision to compare with: python -m tools.review main")
     text = comment(args.base, args.link_base, args.plots_dir)
     if args.out:

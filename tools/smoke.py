@@ -14,7 +14,6 @@ table. Your params.yaml, dvc.lock and outputs are never touched. The tests use t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from stages import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore")
@@ -94,7 +95,7 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
         elif source.exists():
             shutil.copy2(source, dest / name)
     write_params(dest / "params.yaml", {**SMOKE_PARAMS, **(overrides or {})})
-    (dest / ".gitignore").write_text("/models/\n/data/prepared\n", encoding="utf-8")
+    (dest / ".gitignore").write_text("/models/\n/data/prepared\n/dvc_plots/\n", encoding="utf-8")
     build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json")
     run(["git", "init", "-q"], dest)
     run(["git", "config", "user.email", "smoke@localhost"], dest)
@@ -131,7 +132,7 @@ def run_grid(workspace: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("--dir", type=Path, default=Path("smoke"), help="workspace to (re)create")
     parser.add_argument("--grid", action="store_true", help=f"then queue and run the grid {GRID}")
     args = parser.parse_args()

@@ -10,9 +10,10 @@ Hub cannot be reached.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from stages import cli
 
 DEFAULT_DATA = Path("data/sample/pubmedqa_ko_sample.json")
 
@@ -115,7 +116,7 @@ def build_tiny_model(out_dir: Path, data_file: Path = DEFAULT_DATA, seed: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__spec__.name, __doc__)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = parser.parse_args()
