@@ -143,7 +143,7 @@ def test_the_mean_train_loss_weights_each_logged_window_by_its_steps():
     assert mean_train_loss(history) == pytest.approx((4.0 * 3 + 1.0 * 1) / 4)
     assert mean_train_loss([{"loss": 2.0, "step": 1}]) == 2.0
     for empty in ([], [{"eval_loss": 1.0, "step": 2}]):
-        with pytest.raises(ValueError, match="no training loss was logged"):
+        with pytest.raises(ValueError, match="^no training loss was logged$"):
             mean_train_loss(empty)
 
 
@@ -159,16 +159,17 @@ def test_throughput_leaves_out_warmup_and_pauses_but_not_from_the_session(monkey
     for step in range(1, 6):
         now[0] += 8.0 if step == 1 else 2.0
         meter.on_step_end(None, _state(step, 500 + 1000 * step), None)
-        if step == 4:
+        if step in (1, 4):
             now[0] += 3.0
             meter.on_save(None, None, None)
             now[0] += 1.0
-            meter.on_save(None, None, None)
-    now[0] += 0.5
+            meter.on_evaluate(None, None, None)
+    now[0] += 0.25
     meter.on_train_end(None, _state(5, 5500), None)
-    # runtime: 8 + 4 x 2 + 4 paused + 0.5; steady: steps 3-5 (2 marks of warmup) and the end, less 4 s paused
-    assert meter.summary() == {"runtime_s": 20.5, "tokens_per_s": round(5000 / 20.5, 1),
-                               "steady_tokens_per_s": round(3000 / (20.5 - 10.0 - 4.0), 1)}
+    # runtime (to 0.1 s): 8 + 4 x 2 + 2 x 4 paused + 0.25; steady: from the mark after step 2 (4 s paused before it)
+    # to the end, less the 4 s paused after step 4
+    assert meter.summary() == {"runtime_s": 24.2, "tokens_per_s": round(5000 / 24.25, 1),
+                               "steady_tokens_per_s": round(3000 / (24.25 - 14.0 - 4.0), 1)}
 
 
 def test_a_new_session_starts_its_own_accounting(monkeypatch):
@@ -191,6 +192,14 @@ def test_a_new_session_starts_its_own_accounting(monkeypatch):
     assert meter.paused == 0.0 and meter.marks[-1] == (13.0, 300, 0.0)
     # two marks after the start: warmup shrinks to keep one interval; nothing paused
     assert meter.summary() == {"runtime_s": 3.0, "tokens_per_s": round(200 / 3.0, 1), "steady_tokens_per_s": 0.0}
+
+
+def test_a_run_shorter_than_a_second_still_has_a_speed(monkeypatch):
+    now, meter = _clocked(monkeypatch), Throughput()
+    meter.on_train_begin(None, _state(0, 0), None)
+    now[0] += 0.5
+    meter.on_train_end(None, _state(0, 300), None)  # begin and end only: one interval, no warmup to leave out
+    assert meter.summary() == {"runtime_s": 0.5, "tokens_per_s": 600.0, "steady_tokens_per_s": 600.0}
 
 
 def test_throughput_of_a_run_that_never_stepped_is_zero(monkeypatch):

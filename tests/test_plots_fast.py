@@ -225,3 +225,12 @@ def test_main_draws_dvc_yamls_plots_into_the_folder_given(project, monkeypatch):
     plots.main([])
     assert asked == [["main", "v1"], []]
     assert plots.parse_args([]).out == Path("metrics/plots")
+
+
+def test_every_argument_is_explained_under_the_modules_first_line(capsys):
+    from test_review_fast import help_entries
+
+    description, entries = help_entries(plots.parse_args, capsys)
+    assert description == plots.__doc__.splitlines()[0]
+    assert set(entries) == {"revisions", "-h, --help", "-o OUT, --out OUT"}
+    assert all(len(text) > 20 for text in entries.values()), entries

@@ -131,6 +131,8 @@ def test_the_plots_section_links_this_revisions_pngs(tmp_path, monkeypatch):
     assert review.plots_section("main", "https://host/blob/abc/", None) == [
         "This revision: [eval-loss](https://host/blob/abc/metrics/plots/eval-loss.png), "
         "[train-loss](https://host/blob/abc/metrics/plots/train-loss.png)"]
+    assert review.plots_section("main", "https://host/tree/FIX", None)[0].startswith(
+        "This revision: [eval-loss](https://host/tree/FIX/metrics/plots/eval-loss.png)")  # only the slash goes
 
 
 def test_the_drawn_plots_hold_the_base_revision_too(tmp_path, monkeypatch):
@@ -184,6 +186,18 @@ def test_a_comment_with_nothing_changed_says_so(tmp_path, monkeypatch):
     assert "### Params\n\nNo params changed against v2.\n\n### Evaluation report" in text
     assert "### Evaluation report\n\nNo table in metrics/report.md.\n\n### Plots" in text
     assert text.endswith("### Plots\n\nThis revision: [loss](https://h/metrics/plots/loss.png)\n")
+    assert review.comment("v2").endswith("### Plots\n\nThis revision: [loss](metrics/plots/loss.png)\n")
+
+
+def test_the_comments_drawn_plots_hold_the_base_revision(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _answers(monkeypatch, {("metrics", "diff"): "{}", ("params", "diff"): ""})
+    asked = []
+    monkeypatch.setattr(plots, "plot_data", lambda revisions=None: asked.append(revisions) or ["the plots"])
+    monkeypatch.setattr(plots, "render", lambda found, out_dir: [Path(out_dir) / "loss.png"])
+    text = review.comment("v3", plots_dir=Path("drawn"))
+    assert asked == [["v3"]]
+    assert text.endswith("### Plots\n\n\n![loss](drawn/loss.png)\n")
 
 
 def test_flatten_gives_dotted_keys_of_the_leaves():
@@ -232,6 +246,29 @@ def test_the_experiment_table_drops_every_column_but_the_headline_and_params(mon
     kept = {"tuned.test.accuracy", "metrics/eval.json:tuned.test.accuracy", "tuned.test.rougeL", "train.loss",
             "metrics/train.json:train.loss", "Experiment", "train.lr", "xtrain.runtime_s", "Created2", "data/prepared/x"}
     assert {name for name in dropped | kept if drop.match(name)} == dropped
+
+
+def help_entries(parse_args, capsys) -> tuple[str, dict[str, str]]:
+    """`--help` as (description, {argument: its help}), the wrapped lines joined."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    paragraphs = capsys.readouterr().out.split("\n\n")
+    entries = {}
+    for line in "\n".join(p for p in paragraphs if p.startswith(("positional", "options"))).splitlines():
+        if line.startswith("  ") and not line.startswith("   "):  # a new argument, its help beside or below it
+            name, _, text = line.strip().partition("  ")
+            entries[name] = text.strip()
+        elif line.startswith("   "):
+            entries[name] = f"{entries[name]} {line.strip()}".strip()
+    return " ".join(paragraphs[1].split()), entries
+
+
+def test_every_argument_is_explained_under_the_modules_first_line(capsys):
+    description, entries = help_entries(review.parse_args, capsys)
+    assert description == review.__doc__.splitlines()[0]
+    assert set(entries) == {"base", "-h, --help", "--out OUT", "--plots-dir PLOTS_DIR", "--link-base LINK_BASE",
+                            "--experiments"}
+    assert all(len(text) > 20 for text in entries.values()), entries
 
 
 def test_main_writes_the_comment_or_prints_it(tmp_path, monkeypatch, capsys):
