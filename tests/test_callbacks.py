@@ -87,7 +87,8 @@ def _curve(directory, name):
         return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
-def test_loss_curves_replay_the_history_then_log_each_step(tmp_path):
+def test_loss_curves_replay_the_history_then_log_each_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     directory = tmp_path / "dvclive"
     (directory / "plots" / "metrics" / "train").mkdir(parents=True)
     (directory / "plots" / "metrics" / "train" / "loss.tsv").write_text("step\tloss\n9\t9.0\n")  # a killed run's
@@ -107,6 +108,7 @@ def test_loss_curves_replay_the_history_then_log_each_step(tmp_path):
     assert _curve(directory, "train/grad_norm") == [(1, 0.5)]
     assert not (directory / "metrics.json").exists()  # DVCLive's summary: not kept
     assert sorted(p.name for p in (directory / "plots" / "metrics").iterdir()) == ["eval", "train"]
+    assert list(tmp_path.iterdir()) == [directory]  # no dvc.yaml of DVCLive's: the project's own declares the plots
 
 
 def test_loss_curves_only_on_the_main_process(tmp_path):

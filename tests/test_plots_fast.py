@@ -11,6 +11,7 @@ from stages.errors import UserError
 
 DVC_YAML = """\
 plots:
+  - picture.png
   - Loss per step:
       x: step
       y_label: loss (nats)
@@ -18,19 +19,22 @@ plots:
         curves/train/loss.tsv: loss
         curves/eval/loss.tsv: loss
   - curves/lr.tsv:
+      title: Learning rate
       x: step
       y: lr
+  - Not written yet:
+      x: step
+      y:
+        missing.tsv: loss
+  - curves/grad.tsv:
+      x: step
+      y: grad
   - Decisions:
       template: confusion
       x: actual
       x_label: reference
       y:
         decisions.json: predicted
-  - Not written yet:
-      x: step
-      y:
-        missing.tsv: loss
-  - picture.png
 """
 
 
@@ -42,7 +46,7 @@ def project(tmp_path, monkeypatch) -> Path:
     Repo.init(".", no_scm=True).close()
     (tmp_path / "dvc.yaml").write_text(DVC_YAML, encoding="utf-8")
     for name, text in {"train/loss.tsv": "step\tloss\n1\t3.0\n2\t2.0\n", "eval/loss.tsv": "step\tloss\n2\t2.5\n",
-                       "lr.tsv": "step\tlr\n1\t0.1\n"}.items():
+                       "lr.tsv": "step\tlr\n1\t0.1\n", "grad.tsv": "step\tgrad\n1\t0.5\n"}.items():
         (tmp_path / "curves" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "curves" / name).write_text(text, encoding="utf-8")
     (tmp_path / "decisions.json").write_text(json.dumps([{"actual": "yes", "predicted": "no"},
@@ -53,7 +57,7 @@ def project(tmp_path, monkeypatch) -> Path:
 
 def test_plot_data_is_each_vega_plot_with_its_points_as_dvc_reads_them(project):
     found = {plot["title"]: plot for plot in plots.plot_data(root=project)}
-    assert list(found) == ["Loss per step", "curves/lr.tsv", "Decisions"]  # no image, no plot without data
+    assert list(found) == ["Loss per step", "Learning rate", "curves/grad.tsv", "Decisions"]  # no image, no plot without data
     loss = found["Loss per step"]
     assert {k: v for k, v in loss.items() if k != "points"} == {
         "title": "Loss per step", "template": "linear", "x": "step", "y": "loss", "x_label": "step",
@@ -61,8 +65,9 @@ def test_plot_data_is_each_vega_plot_with_its_points_as_dvc_reads_them(project):
     assert [(p["rev"], p["filename"], p["step"], p["loss"]) for p in loss["points"]] == [
         ("workspace", "train/loss.tsv", "1", "3.0"), ("workspace", "train/loss.tsv", "2", "2.0"),
         ("workspace", "eval/loss.tsv", "2", "2.5")]
-    lr = found["curves/lr.tsv"]  # no title: DVC's name for it; labels default to the fields
-    assert (lr["template"], lr["x_label"], lr["y_label"]) == ("linear", "step", "lr")
+    assert (found["Learning rate"]["y"], found["Learning rate"]["points"][0]["lr"]) == ("lr", "0.1")
+    grad = found["curves/grad.tsv"]  # no title: DVC's name for it; labels default to the fields
+    assert (grad["template"], grad["x_label"], grad["y_label"]) == ("linear", "step", "grad")
     decisions = found["Decisions"]
     assert (decisions["template"], decisions["x"], decisions["y"]) == ("confusion", "actual", "predicted")
     assert (decisions["x_label"], decisions["y_label"]) == ("reference", "predicted")
@@ -70,7 +75,22 @@ def test_plot_data_is_each_vega_plot_with_its_points_as_dvc_reads_them(project):
 
 
 def test_plot_data_reads_the_current_folder_by_default(project):
-    assert [plot["title"] for plot in plots.plot_data()] == ["Loss per step", "curves/lr.tsv", "Decisions"]
+    assert [plot["title"] for plot in plots.plot_data()] == ["Loss per step", "Learning rate", "curves/grad.tsv",
+                                                             "Decisions"]
+
+
+def test_plot_data_of_revisions_holds_theirs_and_the_workspaces(project):
+    import subprocess
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (project / ".dvc" / "config").write_text("", encoding="utf-8")  # made with no_scm: now in git
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=project, check=True)
+    (project / "curves/lr.tsv").write_text("step\tlr\n1\t0.2\n", encoding="utf-8")
+    found = {plot["title"]: plot for plot in plots.plot_data(["HEAD"], root=project)}
+    assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD", "0.1"),
+                                                                                      ("workspace", "0.2")]
 
 
 def test_outside_a_dvc_project_the_plots_cannot_be_read(tmp_path):
@@ -90,9 +110,9 @@ def test_png_names_come_from_titles_and_file_paths():
 
 
 def test_top_level_files_are_the_titles_dvc_yaml_declares(project):
-    assert plots.top_level_files() == {"Loss per step": "loss-per-step.png", "curves/lr.tsv": "curves-lr.png",
-                                       "Decisions": "decisions.png", "Not written yet": "not-written-yet.png",
-                                       "picture.png": "picture-png.png"}
+    assert plots.top_level_files() == {"picture.png": "picture-png.png", "Loss per step": "loss-per-step.png",
+                                       "curves/lr.tsv": "curves-lr.png", "Not written yet": "not-written-yet.png",
+                                       "curves/grad.tsv": "curves-grad.png", "Decisions": "decisions.png"}
     (project / "other.yaml").write_text("stages: {}\n", encoding="utf-8")
     assert plots.top_level_files(project / "other.yaml") == {}
     assert plots.top_level_files(project / "absent.yaml") == {}
@@ -217,14 +237,15 @@ def test_render_replaces_the_folder_with_one_png_per_plot(tmp_path):
 
 def test_main_draws_dvc_yamls_plots_into_the_folder_given(project, monkeypatch):
     plots.main(["-o", str(project / "drawn")])
-    assert sorted(p.name for p in (project / "drawn").iterdir()) == ["curves-lr.png", "decisions.png", "loss-per-step.png"]
+    assert sorted(p.name for p in (project / "drawn").iterdir()) == ["curves-grad.png", "decisions.png",
+                                                                      "learning-rate.png", "loss-per-step.png"]
     asked = []
     monkeypatch.setattr(plots, "plot_data", lambda revisions: asked.append(revisions) or [])
     monkeypatch.setattr(plots, "render", lambda found, out: [])
     plots.main(["main", "v1"])
     plots.main([])
     assert asked == [["main", "v1"], []]
-    assert plots.parse_args([]).out == Path("metrics/plots")
+    assert plots.parse_args([]).out == Path("metrics/plots") and plots.parse_args(["-o", "d"]).out == Path("d")
 
 
 def test_every_argument_is_explained_under_the_modules_first_line(capsys):
