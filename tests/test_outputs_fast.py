@@ -111,6 +111,27 @@ def test_text_and_json_are_written_as_utf_8_with_stable_bytes(tmp_path):
     assert dumps_json({"b": 1, "a": 2}) == '{\n  "a": 2,\n  "b": 1\n}\n'
 
 
+def test_outputs_may_go_into_folders_that_do_not_exist_yet(tmp_path):
+    write_json(tmp_path / "metrics" / "cost" / "train.json", {})
+    with atomic_dir(tmp_path / "models" / "runs" / "adapter") as folder:
+        (folder / "w").write_text("w")
+    assert (tmp_path / "metrics" / "cost" / "train.json").read_text() == "{}\n"
+    assert (tmp_path / "models" / "runs" / "adapter" / "w").read_text() == "w"
+
+
+def test_a_publish_stopped_between_its_renames_leaves_a_copy_the_next_write_recognises(tmp_path, monkeypatch):
+    final = tmp_path / "merged"
+    with atomic_dir(final) as folder:
+        (folder / "w").write_text("old")
+    real = os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: real(src, dst) if dst != final else 1 / 0)
+    with pytest.raises(ZeroDivisionError), atomic_dir(final) as folder:
+        (folder / "w").write_text("new")
+    # the old version is left under the one name remove_stale_temporaries knows for it (a later run of
+    # another pid removes it); the final path itself is missing until the next successful write
+    assert [p.name for p in tmp_path.iterdir()] == [f".merged.old-{os.getpid()}"]
+
+
 def test_jsonl_round_trip_skips_blank_lines(tmp_path):
     rows = [{"q": "질문", "b": 1}, {"a": None}]
     text = jsonl_text(rows)
