@@ -2,6 +2,7 @@
 from DVC, the names it gives the PNGs, the series it draws and the artists it draws them with."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,12 @@ plots:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
+def project(tmp_path, monkeypatch, caplog) -> Path:
     from dvc.repo import Repo
 
+    # DVC's own log handlers hold the stream of whichever test set them up, closed by now, and raise
+    # on a write: its info and warnings ("Initialized DVC repository.") are not what these tests read
+    caplog.set_level(logging.ERROR, logger="dvc")
     monkeypatch.chdir(tmp_path)
     Repo.init(".", no_scm=True).close()
     (tmp_path / "dvc.yaml").write_text(DVC_YAML, encoding="utf-8")
