@@ -43,27 +43,52 @@ def inputs_key() -> str:
     return digest.hexdigest()[:16]
 
 
-# pytest-xdist (pyproject's addopts: `-n auto --dist loadgroup`) sends each group below to one worker.
-# A group is a test file, so its module-scoped fixtures (a `dvc repro`, a reference training) are built
-# once; these files launch several training processes and share one group, so no two launches race for
-# a rendezvous port.
+# pytest-xdist (pyproject's addopts: -n auto --dist loadfile) sends each group below to one worker, whole. A group is a
+# test file, so its module-scoped fixtures (a `dvc repro`, a reference training) are built once; these
+# files launch several training processes and share one group, so no two launches race for a port.
 LAUNCH_PROCESSES = ("test_multiprocess.py", "test_bench_parallel.py")
-# The longest chains of dependent tests start first, so the other worker takes everything else meanwhile.
+# The longest chains of dependent tests start first, so the other workers take everything else meanwhile.
 LONGEST_FIRST = ("test_workflow.py", "test_resume.py", "test_multiprocess.py", "test_bench_parallel.py")
+
+
+def xdist_group_of(nodeid: str) -> str:
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "launch-processes" if name in LAUNCH_PROCESSES else name
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the groups above for files (xdist's own `--dist loadgroup` reads xdist_group
+    marks through a node id that pytest 9 no longer lets it change, so it splits the groups)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") != "loadfile":
+        return None
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    return ByGroup(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """`pytest --cache-clear` empties the cache once, in the controller, before the workers start: a worker
+    that cleared it again would delete what another worker is building."""
+    if hasattr(config, "workerinput"):
+        config.option.cacheclear = False
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """`make mutate` runs pytest inside mutmut's own process, which must see every test: no workers."""
     return 0 if "mutmut" in sys.modules else None
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
-    for item in items:
-        group = "launch-processes" if item.path.name in LAUNCH_PROCESSES else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +124,8 @@ def shared(build_cache, tmp_path_factory):
                 shutil.rmtree(building, ignore_errors=True)
                 build(building)
                 building.rename(entry)
-        copy = tmp_path_factory.mktemp(name) / copy_name
-        shutil.copytree(entry, copy, symlinks=True)
+            copy = tmp_path_factory.mktemp(name) / copy_name
+            shutil.copytree(entry, copy, symlinks=True)  # under the lock: no other run removes it meanwhile
         return copy
 
     return get
