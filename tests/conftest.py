@@ -43,9 +43,10 @@ def inputs_key() -> str:
     return digest.hexdigest()[:16]
 
 
-# pytest-xdist (pyproject's addopts: -n auto --dist loadfile) sends each group below to one worker, whole. A group is a
-# test file, so its module-scoped fixtures (a `dvc repro`, a reference training) are built once; these
-# files launch several training processes and share one group, so no two launches race for a port.
+# pytest-xdist (pyproject's addopts: -n auto --dist loadfile) sends each group below to one worker,
+# whole. A group is a test file, so its module-scoped fixtures (a `dvc repro`, a reference training)
+# are built once; these files launch several training processes and share one group, so no two
+# launches race for a rendezvous port.
 LAUNCH_PROCESSES = ("test_multiprocess.py", "test_bench_parallel.py")
 # The longest chains of dependent tests start first, so the other workers take everything else meanwhile.
 LONGEST_FIRST = ("test_workflow.py", "test_resume.py", "test_multiprocess.py", "test_bench_parallel.py")
@@ -118,10 +119,9 @@ def shared(build_cache, tmp_path_factory):
         entry = build_cache / f"{name}-{key}"
         with FileLock(str(build_cache / f"{name}.lock")):
             if not entry.is_dir():
-                for old in build_cache.glob(f"{name}-*"):
+                for old in (*build_cache.glob(f"{name}-*"), *build_cache.glob(f".{name}-*")):  # and interrupted builds
                     shutil.rmtree(old, ignore_errors=True)
                 building = build_cache / f".{name}-{key}.{os.getpid()}"
-                shutil.rmtree(building, ignore_errors=True)
                 build(building)
                 building.rename(entry)
             copy = tmp_path_factory.mktemp(name) / copy_name
