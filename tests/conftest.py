@@ -1,11 +1,14 @@
-"""Shared fixtures: a tiny Llama-shaped model and a smoke workspace, built once per session; a stand-in for
+"""Shared fixtures: a tiny Llama-shaped model, a smoke workspace and a pipeline run, each built once and
+shared by every test process (pytest-xdist workers) and every later run of the same code; a stand-in for
 unsloth_zoo's offload helpers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import types
 from pathlib import Path
 
@@ -18,6 +21,115 @@ SAMPLE = ROOT / "data/sample/pubmedqa_ko_sample.json"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+# What the shared builds below are made from: a change to any of these builds them again.
+BUILT_FROM = ("stages", "tools", "dvc.yaml", "params.yaml", "data/sample", ".dvcignore", "constraints.txt",
+              "pyproject.toml", "tests/conftest.py")
+
+
+def inputs_key() -> str:
+    """A hash of the code, data and libraries the shared builds come from (and the mutant under test,
+    as mutmut switches mutants by environment variable, not by file)."""
+    from importlib import metadata
+
+    digest = hashlib.sha256(f"{sys.version}\n{os.environ.get('MUTANT_UNDER_TEST', '')}\n".encode())
+    for name in BUILT_FROM:
+        path = ROOT / name
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() \
+            else [path] if path.exists() else []
+        for file in files:
+            digest.update(f"{file.relative_to(ROOT)}\n".encode() + hashlib.sha256(file.read_bytes()).digest())
+    versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
+    digest.update("\n".join(versions).encode())
+    return digest.hexdigest()[:16]
+
+
+# pytest-xdist (pyproject's addopts: -n auto --dist loadfile) sends each group below to one worker,
+# whole. A group is a test file, so its module-scoped fixtures (a `dvc repro`, a reference training)
+# are built once; these files launch several training processes and share one group, so no two
+# launches race for a rendezvous port.
+LAUNCH_PROCESSES = ("test_multiprocess.py", "test_bench_parallel.py")
+# The longest chains of dependent tests start first, so the other workers take everything else meanwhile.
+LONGEST_FIRST = ("test_workflow.py", "test_resume.py", "test_multiprocess.py", "test_bench_parallel.py")
+
+
+def xdist_group_of(nodeid: str) -> str:
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "launch-processes" if name in LAUNCH_PROCESSES else name
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the groups above for files (xdist's own `--dist loadgroup` reads xdist_group
+    marks through a node id that pytest 9 no longer lets it change, so it splits the groups)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") != "loadfile":
+        return None
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(nodeid)
+
+    return ByGroup(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """`pytest --cache-clear` empties the cache once, in the controller, before the workers start: a worker
+    that cleared it again would delete what another worker is building."""
+    if hasattr(config, "workerinput"):
+        config.option.cacheclear = False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`make mutate` runs pytest inside mutmut's own process, which must see every test: no workers."""
+    return 0 if "mutmut" in sys.modules else None
+
+
+@pytest.fixture(scope="session")
+def build_cache(request, tmp_path_factory) -> Path:
+    """Where shared builds live: pytest's cache folder (kept between runs; `pytest --cache-clear` empties
+    it), else this run's temporary root, which every xdist worker of the run shares."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider (make mutate)
+    if cache is not None:
+        return cache.mkdir("shared-builds")
+    return tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") \
+        else tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def shared(build_cache, tmp_path_factory):
+    """shared(name, build) -> a private copy of what build(dest) writes, built once for all processes.
+
+    The build happens under a file lock, in the first process that asks, into a temporary folder renamed
+    into place when done; an entry from other code or libraries (another key) is removed. Each test
+    session copies the entry, so no test can change what the next process or run gets.
+    """
+    from filelock import FileLock
+
+    key = inputs_key()
+
+    def get(name: str, build, copy_name: str = "ws") -> Path:
+        entry = build_cache / f"{name}-{key}"
+        with FileLock(str(build_cache / f"{name}.lock")):
+            if not entry.is_dir():
+                for old in (*build_cache.glob(f"{name}-*"), *build_cache.glob(f".{name}-*")):  # and interrupted builds
+                    shutil.rmtree(old, ignore_errors=True)
+                building = build_cache / f".{name}-{key}.{os.getpid()}"
+                build(building)
+                building.rename(entry)
+            copy = tmp_path_factory.mktemp(name) / copy_name
+            shutil.copytree(entry, copy, symlinks=True)  # under the lock: no other run removes it meanwhile
+        return copy
+
+    return get
+
 
 @pytest.fixture(scope="session")
 def sample_records() -> list[dict]:
@@ -25,10 +137,10 @@ def sample_records() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(shared) -> Path:
     from tools.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", SAMPLE)
+    return shared("tiny-model", lambda dest: build_tiny_model(dest, SAMPLE), "model")
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +157,11 @@ def write_params(directory: Path, overrides: dict) -> None:
 
 
 @pytest.fixture(scope="session")
-def smoke_template(tmp_path_factory) -> Path:
+def smoke_template(shared) -> Path:
     """A smoke workspace (git + DVC, tiny model, smoke params) to copy from, built once."""
     from tools.smoke import make_workspace
 
-    return make_workspace(tmp_path_factory.mktemp("template") / "ws")
+    return shared("smoke-workspace", make_workspace)
 
 
 @pytest.fixture
@@ -75,17 +187,13 @@ class NetworkGuard:
         raise ConnectionRefusedError(f"test network guard: connection to {address} refused")
 
 
-@pytest.fixture(scope="session")
-def pipeline_run(smoke_template, tmp_path_factory) -> Path:
-    """Every stage run once, in-process, with sockets blocked and an HF_TOKEN set (plots included).
-
-    Tests then only read the workspace. `pipeline_run.network_attempts` lists any connection a
-    stage tried to open (the offline promise: there must be none).
-    """
+def run_pipeline(template: Path, dest: Path) -> Path:
+    """Every stage run once in a copy of template, in this process, with sockets blocked and an HF_TOKEN set
+    (plots included). Writes beside the results what the run's process saw: `.network_attempts.json`, the
+    connections a stage tried to open, and `.imported.json`, the unsloth modules loaded (both must be empty)."""
     import socket
 
-    dest = tmp_path_factory.mktemp("pipeline") / "ws"
-    shutil.copytree(smoke_template, dest, symlinks=True)
+    shutil.copytree(template, dest, symlinks=True)
     previous = os.getcwd()
     guard = NetworkGuard()
     patcher = pytest.MonkeyPatch()
@@ -103,7 +211,18 @@ def pipeline_run(smoke_template, tmp_path_factory) -> Path:
         os.chdir(previous)
         patcher.undo()
     (dest / ".network_attempts.json").write_text(json.dumps([str(a) for a in guard.attempts]))
+    (dest / ".imported.json").write_text(json.dumps(sorted(m for m in sys.modules if m.startswith("unsloth"))))
     return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(smoke_template, shared) -> Path:
+    """The smoke workspace after every stage ran once (run_pipeline), built once for all test processes.
+
+    Tests only read it. `.network_attempts.json` lists any connection a stage tried to open (the
+    offline promise: there must be none).
+    """
+    return shared("pipeline-run", lambda dest: run_pipeline(smoke_template, dest))
 
 
 PINNED = "_unsloth_is_pinned"  # unsloth_zoo's HOST_PINNED_ATTR

@@ -54,6 +54,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
 
 def test_unsloth_is_never_imported_on_cpu(pipeline_run):
     assert "unsloth" not in sys.modules
+    assert json.loads((pipeline_run / ".imported.json").read_text()) == []  # nor by the process that ran every stage
     assert modeling.choose_backend("auto") == "transformers"
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         modeling.choose_backend("unsloth")
