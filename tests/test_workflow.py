@@ -266,7 +266,7 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     """exp apply, git checkout + dvc checkout, and a teammate's clone + dvc pull: merge reruns
     (models/merged is not cached), train never does."""
     restore_baseline(repo)
-    # the team's remotes (README, "Working as a team"), set and committed before the experiments:
+    # the team's remotes (docs/review.md, "Working as a team"), set and committed before the experiments:
     # `dvc exp push` reads the DVC remote from the experiment's own commit
     git("init", "-q", "--bare", str(tmp_path / "team.git"), cwd=tmp_path)
     git("remote", "add", "origin", str(tmp_path / "team.git"), cwd=repo)
@@ -300,7 +300,7 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     assert "train" not in ran(output) and "merge" in ran(output)
     assert snapshot(repo)["metrics/eval.json"] == experiment["metrics/eval.json"]
 
-    # a teammate (README, "Working as a team"): the result and the experiment go through a git remote
+    # a teammate (docs/review.md, "Working as a team"): the result and the experiment go through a git remote
     # and a DVC remote; a clone + dvc pull gets the adapter, metrics and base model, and merge rebuilds
     # models/merged, never train
     restore_baseline(repo)
