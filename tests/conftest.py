@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny Llama-shaped model and a smoke workspace, built once per session; a stand-in for
-unsloth_zoo's offload helpers."""
+"""Shared fixtures: a tiny Llama-shaped model, a smoke workspace and a `make smoke` run, built once per
+session; a stand-in for unsloth_zoo's offload helpers."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -50,6 +52,44 @@ def smoke_template(tmp_path_factory) -> Path:
     from tools.smoke import make_workspace
 
     return make_workspace(tmp_path_factory.mktemp("template") / "ws")
+
+
+def no_environment_active() -> dict:
+    """This process's environment with no virtual environment active: the README's lines activate it."""
+    bin_dir = Path(sys.executable).parent.resolve()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != bin_dir]
+    env = {**os.environ, "PATH": os.pathsep.join(path), "COLUMNS": "120"}  # COLUMNS: a 120-column terminal
+    for name in ("VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[Path, str]:
+    """`make smoke`, run as the README shows it, in a copy of the project whose .venv is this test
+    environment: (the project, make's output). project/smoke holds the pipeline's run, committed on
+    main; tests copy it and never change it."""
+    from tools.smoke import PROJECT_FILES
+
+    if not (Path(sys.prefix) / "pyvenv.cfg").is_file():
+        pytest.skip("the tests run outside a virtual environment (`make test` makes one)")
+    project = tmp_path_factory.mktemp("project") / "project"
+    project.mkdir()
+    for name in (*PROJECT_FILES, "pyproject.toml", "constraints.txt"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, project / name)
+    # .venv: this environment, entry by entry, with a marker of its own: `make`'s install step finds
+    # it installed and the environment itself is never written to.
+    (project / ".venv").mkdir()
+    for entry in Path(sys.prefix).iterdir():
+        if entry.name != ".installed":
+            (project / ".venv" / entry.name).symlink_to(entry)
+    (project / ".venv/.installed").touch()
+    result = subprocess.run(["make", "smoke"], cwd=project, capture_output=True, text=True, env=no_environment_active())
+    assert result.returncode == 0, f"make smoke failed:\n{result.stdout}\n{result.stderr}"
+    return project, result.stdout + result.stderr
 
 
 @pytest.fixture

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import no_environment_active
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/README.md"]
@@ -103,6 +104,8 @@ def readme_commands() -> list[str]:
 
 def _smoke_made(project: Path, output: str) -> None:
     smoke = project / "smoke"
+    assert re.findall(r"Running stage '([a-z_]+)'", output) == [
+        "validate", "prepare", "train", "merge", "evaluate_base", "evaluate", "plots"], output
     assert (smoke / "metrics/report.md").is_file(), output
     git = ["git", "-C", str(smoke)]
     assert subprocess.run([*git, "branch", "--show-current"], capture_output=True, text=True).stdout == "main\n"
@@ -138,7 +141,7 @@ def _review_comment(project: Path, output: str) -> None:
 
 def _plots_of_both(project: Path, output: str) -> None:
     drawn = PLOTS_DIR / "loss-per-optimizer-step.png"
-    assert drawn.read_bytes().startswith(b"\x89PNG") and drawn.stat().st_mtime >= (project / ".venv/.installed").stat().st_mtime, output
+    assert drawn.read_bytes().startswith(b"\x89PNG") and drawn.stat().st_mtime >= (project / "smoke/dvc.lock").stat().st_mtime, output
 
 
 def _answered(project: Path, output: str) -> None:
@@ -160,44 +163,19 @@ CHECKS = {
 }
 
 
-def _project(tmp_path: Path) -> Path:
-    """A copy of the project whose .venv is this test's environment, installed already (its own
-    marker, so `make`'s install step has nothing to do and the environment is never written to)."""
-    import shutil
-
-    from tools.smoke import PROJECT_FILES
-
-    if not (Path(sys.prefix) / "pyvenv.cfg").is_file():
-        pytest.skip("the tests run outside a virtual environment (make test makes one)")
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in (*PROJECT_FILES, "pyproject.toml", "constraints.txt"):
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, project / name)
-    venv = project / ".venv"
-    venv.mkdir()
-    for entry in Path(sys.prefix).iterdir():
-        if entry.name != ".installed":
-            (venv / entry.name).symlink_to(entry)
-    (venv / ".installed").touch()
-    return project
-
-
-def test_every_command_the_readme_shows_runs_as_written_in_the_smoke_workspace(tmp_path):
+def test_every_command_the_readme_shows_runs_as_written_in_the_smoke_workspace(smoke_run, tmp_path):
     commands = readme_commands()
     assert set(commands) == set(CHECKS) | set(NOT_RUN_HERE), "a README command without a check here"
-    project = _project(tmp_path)
-    # no environment active: the README's lines activate it themselves
-    path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != Path(sys.executable).parent.resolve()]
-    env = {**os.environ, "PATH": os.pathsep.join(path), "COLUMNS": "120"}
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("PYTHONPATH", None)
+    ran_smoke, smoke_output = smoke_run  # `make smoke`, run once for the session (conftest)
+    project = tmp_path / "project"
+    shutil.copytree(ran_smoke, project, symlinks=True)
+    env = no_environment_active()
     timings = []
     for command in (c for c in commands if c in CHECKS):
         where, check = CHECKS[command]
+        if command == "make smoke":
+            check(project, smoke_output)
+            continue
         started = time.perf_counter()
         result = subprocess.run(["bash", "-c", (ACTIVATE if where else "") + command], cwd=project / where,
                                 capture_output=True, text=True, env=env)

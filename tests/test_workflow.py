@@ -57,15 +57,13 @@ def predict(repo, *args):
 
 
 @pytest.fixture(scope="module")
-def repo(smoke_template, tmp_path_factory):
-    import shutil
-
-    dest = tmp_path_factory.mktemp("dvc") / "ws"
-    shutil.copytree(smoke_template, dest, symlinks=True)
-    output = dvc("repro", cwd=dest)
+def repo(smoke_run, tmp_path_factory):
+    """A copy of the smoke workspace: `make smoke` ran every stage there and committed the run on main."""
+    project, output = smoke_run
     assert ran(output) == STAGES
-    git("add", "-A", cwd=dest)
-    git("commit", "-qm", "baseline run", cwd=dest)
+    dest = tmp_path_factory.mktemp("dvc") / "ws"
+    shutil.copytree(project / "smoke", dest, symlinks=True)
+    assert git_out("status", "--porcelain", cwd=dest) == ""
     return dest
 
 
