@@ -6,7 +6,7 @@
 # Reviewing (no GPU):
 #   make review BASE=main   the pull-request comment against BASE (what .github/workflows/review.yml posts)
 #   make exps               the experiment table: changed params and headline metrics, one screen
-# (`make mutate` runs mutation testing by hand: README, Development.)
+# (`make mutate` runs mutation testing by hand: docs/development.md.)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,6 +16,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
 BASE ?= main
+# The set-up that the reviewing targets run first. The smoke workspace's copy of this file
+# (tools/smoke.py) sets it empty and VENV to the environment that built it: no second install.
+SETUP ?= install
 
 .PHONY: install install-gpu test repro smoke clean-smoke mutate review exps
 
@@ -49,10 +52,10 @@ mutate: install
 smoke: install
 	$(PY) -m tools.smoke
 
-review: install
+review: $(SETUP)
 	$(PY) -m tools.review $(BASE)
 
-exps: install
+exps: $(SETUP)
 	$(PY) -m tools.review --experiments
 
 clean-smoke:

@@ -5,7 +5,7 @@ dvc.yaml keeps `python -m stages.train`; with train.num_processes > 1 that proce
 GPUs, gloo on a CPU) and exits with its exit code. Each launched process sees WORLD_SIZE.
 With train.accelerate_config the launch reads that accelerate config file too, so its machine
 count, machine rank and main process address spread the N processes over several machines:
-each machine runs the stage with its own file (README, Several machines).
+each machine runs the stage with its own file (docs/several-gpus.md, Several machines).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def machines(num_processes: int, config_file: str | None) -> int:
     where = f"train.accelerate_config = {config_file}"
     if not Path(config_file).is_file():
         raise UserError(f"{where}: no such file; write one with `accelerate config --config_file {config_file}` "
-                        "on this machine (README, Several machines) or set it to null")
+                        "on this machine (docs/several-gpus.md, Several machines) or set it to null")
     try:
         config = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))  # YAML or JSON, as accelerate reads
     except yaml.YAMLError as exc:

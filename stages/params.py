@@ -225,7 +225,7 @@ def _describe(error: dict, raw: dict) -> str:
     key = ".".join(str(part) for part in loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling against the README's params table)"
+        return f"{key}: unknown key (check the spelling against docs/parameters.md)"
     if error["type"] == "missing":
         return f"{key}: missing"
     value = raw

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny Llama-shaped model, a smoke workspace and a pipeline run, each built once and
-shared by every test process (pytest-xdist workers) and every later run of the same code; a stand-in for
-unsloth_zoo's offload helpers."""
+shared by every test process (pytest-xdist workers) and every later run of the same code; a `make smoke`
+run, once per test process; a stand-in for unsloth_zoo's offload helpers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -22,8 +23,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 # What the shared builds below are made from: a change to any of these builds them again.
-BUILT_FROM = ("stages", "tools", "dvc.yaml", "params.yaml", "data/sample", ".dvcignore", "constraints.txt",
-              "pyproject.toml", "tests/conftest.py")
+BUILT_FROM = ("stages", "tools", "dvc.yaml", "params.yaml", "data/sample", ".dvcignore", "Makefile",
+              "constraints.txt", "pyproject.toml", "tests/conftest.py")
 
 
 def inputs_key() -> str:
@@ -48,13 +49,15 @@ def inputs_key() -> str:
 # are built once; these files launch several training processes and share one group, so no two
 # launches race for a rendezvous port.
 LAUNCH_PROCESSES = ("test_multiprocess.py", "test_bench_parallel.py")
+# These files share one `make smoke` run (the smoke_run fixture, built once per process).
+MAKE_SMOKE = ("test_workflow.py", "test_docs.py")
 # The longest chains of dependent tests start first, so the other workers take everything else meanwhile.
-LONGEST_FIRST = ("test_workflow.py", "test_resume.py", "test_multiprocess.py", "test_bench_parallel.py")
+LONGEST_FIRST = ("test_workflow.py", "test_docs.py", "test_resume.py", "test_multiprocess.py", "test_bench_parallel.py")
 
 
 def xdist_group_of(nodeid: str) -> str:
     name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-    return "launch-processes" if name in LAUNCH_PROCESSES else name
+    return "launch-processes" if name in LAUNCH_PROCESSES else "make-smoke" if name in MAKE_SMOKE else name
 
 
 def pytest_collection_modifyitems(config, items):
@@ -162,6 +165,44 @@ def smoke_template(shared) -> Path:
     from tools.smoke import make_workspace
 
     return shared("smoke-workspace", make_workspace)
+
+
+def no_environment_active() -> dict:
+    """This process's environment with no virtual environment active: the README's lines activate it."""
+    bin_dir = Path(sys.executable).parent.resolve()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != bin_dir]
+    env = {**os.environ, "PATH": os.pathsep.join(path), "COLUMNS": "120"}  # COLUMNS: a 120-column terminal
+    for name in ("VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[Path, str]:
+    """`make smoke`, run as the README shows it, in a copy of the project whose .venv is this test
+    environment: (the project, make's output). project/smoke holds the pipeline's run, committed on
+    main; tests copy it and never change it."""
+    from tools.smoke import PROJECT_FILES
+
+    if not (Path(sys.prefix) / "pyvenv.cfg").is_file():
+        pytest.skip("the tests run outside a virtual environment (`make test` makes one)")
+    project = tmp_path_factory.mktemp("project") / "project"
+    project.mkdir()
+    for name in (*PROJECT_FILES, "pyproject.toml", "constraints.txt"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, project / name)
+    # .venv: this environment, entry by entry, with a marker of its own: `make`'s install step finds
+    # it installed and the environment itself is never written to.
+    (project / ".venv").mkdir()
+    for entry in Path(sys.prefix).iterdir():
+        if entry.name != ".installed":
+            (project / ".venv" / entry.name).symlink_to(entry)
+    (project / ".venv/.installed").touch()
+    result = subprocess.run(["make", "smoke"], cwd=project, capture_output=True, text=True, env=no_environment_active())
+    assert result.returncode == 0, f"make smoke failed:\n{result.stdout}\n{result.stderr}"
+    return project, result.stdout + result.stderr
 
 
 @pytest.fixture

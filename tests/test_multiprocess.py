@@ -88,7 +88,7 @@ def _free_port() -> int:
 
 
 def accelerate_config(machine_rank: int, main_process_ip: str, main_process_port: int) -> dict:
-    """An accelerate config file for one of two machines, as README's Several machines shows it."""
+    """An accelerate config file for one of two machines, as docs/several-gpus.md's Several machines shows it."""
     return {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 2,
             "machine_rank": machine_rank, "main_process_ip": main_process_ip, "main_process_port": main_process_port,
             "rdzv_backend": "static", "same_network": True}

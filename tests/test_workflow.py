@@ -57,16 +57,14 @@ def predict(repo, *args):
 
 
 @pytest.fixture(scope="module")
-def repo(smoke_template, tmp_path_factory):
-    import shutil
-
-    dest = tmp_path_factory.mktemp("dvc") / "ws"
-    shutil.copytree(smoke_template, dest, symlinks=True)
-    output = dvc("repro", cwd=dest)
+def repo(smoke_run, tmp_path_factory):
+    """A copy of the smoke workspace: `make smoke` ran every stage there and committed the run on main."""
+    project, output = smoke_run
     assert ran(output) == STAGES
-    (dest.parent / "repro.log").write_text(output, encoding="utf-8")  # what `dvc repro > log 2>&1` keeps
-    git("add", "-A", cwd=dest)
-    git("commit", "-qm", "baseline run", cwd=dest)
+    dest = tmp_path_factory.mktemp("dvc") / "ws"
+    shutil.copytree(project / "smoke", dest, symlinks=True)
+    (dest.parent / "repro.log").write_text(output, encoding="utf-8")  # what `make smoke > log 2>&1` keeps
+    assert git_out("status", "--porcelain", cwd=dest) == ""
     return dest
 
 
@@ -286,7 +284,7 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     """exp apply, git checkout + dvc checkout, and a teammate's clone + dvc pull: merge reruns
     (models/merged is not cached), train never does."""
     restore_baseline(repo)
-    # the team's remotes (README, "Working as a team"), set and committed before the experiments:
+    # the team's remotes (docs/review.md, "Working as a team"), set and committed before the experiments:
     # `dvc exp push` reads the DVC remote from the experiment's own commit
     git("init", "-q", "--bare", str(tmp_path / "team.git"), cwd=tmp_path)
     git("remote", "add", "origin", str(tmp_path / "team.git"), cwd=repo)
@@ -320,7 +318,7 @@ def test_switching_between_results_never_retrains(repo, tmp_path):
     assert "train" not in ran(output) and "merge" in ran(output)
     assert snapshot(repo)["metrics/eval.json"] == experiment["metrics/eval.json"]
 
-    # a teammate (README, "Working as a team"): the result and the experiment go through a git remote
+    # a teammate (docs/review.md, "Working as a team"): the result and the experiment go through a git remote
     # and a DVC remote; a clone + dvc pull gets the adapter, metrics and base model, and merge rebuilds
     # models/merged, never train
     restore_baseline(repo)

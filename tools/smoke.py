@@ -7,9 +7,12 @@
 It builds a throw-away copy of the project in ./smoke (its own git and DVC repository, params
 overridden by SMOKE_PARAMS), builds a tiny Llama-shaped model there and tracks it with `dvc add`
 (so queued experiments, which run in a fresh copy of the commit, have it too), and runs
-`dvc repro`, then commits that result as the baseline experiments compare with. With --grid it
-queues `dvc exp run --queue -S 'lora.r=range(8,17,8)'`, runs the queue with `dvc exp run --run-all` and prints the experiment
-table. Your params.yaml, dvc.lock and outputs are never touched. The tests use the same workspace.
+`dvc repro`, then commits that result on its branch `main` as the baseline experiments compare
+with, so the README's commands (`make exps`, `make review BASE=main`, `dvc metrics diff main`, ...)
+work there as written. Its Makefile is the project's, on the environment that built the workspace
+(no second install). With --grid it queues `dvc exp run --queue -S 'lora.r=range(8,17,8)'`, runs
+the queue with `dvc exp run --run-all` and prints the experiment table. Your params.yaml, dvc.lock
+and outputs are never touched. The tests use the same workspace.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from stages import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore", "Makefile")
 # Outside the git-ignored models/ folder, tracked by tiny-base.dvc: a queued experiment starts from
 # a clean copy of the commit and gets the model from the DVC cache, as it gets every other input.
 TINY_MODEL = "tiny-base"
@@ -81,6 +84,14 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, check=True, text=True, capture_output=True)
 
 
+def use_this_environment(makefile: Path) -> None:
+    """The workspace's Makefile runs on this interpreter's environment: `make exps` and `make review`
+    there must not build a second .venv inside the workspace (SETUP is the targets' install step)."""
+    header = ("# The smoke workspace's copy (tools/smoke.py): the environment that built it, installed already.\n"
+              f"VENV := {sys.prefix}\nSETUP :=\n\n")
+    makefile.write_text(header + makefile.read_text(encoding="utf-8"), encoding="utf-8")
+
+
 def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
     """A fresh git + DVC repository at dest: the project's code, the sample, smoke params, tiny model."""
     from tools.tiny_model import build_tiny_model
@@ -95,9 +106,10 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
         elif source.exists():
             shutil.copy2(source, dest / name)
     write_params(dest / "params.yaml", {**SMOKE_PARAMS, **(overrides or {})})
+    use_this_environment(dest / "Makefile")
     (dest / ".gitignore").write_text("/models/\n/data/prepared\n/dvc_plots/\n", encoding="utf-8")
     build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json")
-    run(["git", "init", "-q"], dest)
+    run(["git", "init", "-q", "--initial-branch", "main"], dest)  # the README's `main`
     run(["git", "config", "user.email", "smoke@localhost"], dest)
     run(["git", "config", "user.name", "smoke"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
@@ -145,8 +157,8 @@ def main() -> None:
     print(json.dumps(metrics["tuned"]["test"], indent=2, ensure_ascii=False))
     print(f"Report: {workspace}/metrics/report.md, plots: {workspace}/metrics/plots/")
     commit_baseline(workspace)
-    print(f"Committed as the baseline; try an experiment: cd {workspace} && dvc exp run -S lora.r=8 && "
-          "python -m tools.review --experiments")
+    print(f"Committed on main as the baseline; try an experiment: cd {workspace} && "
+          f"source {sys.prefix}/bin/activate && dvc exp run -S lora.r=8 && make exps")
     if args.grid:
         run_grid(workspace)
 
