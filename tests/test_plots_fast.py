@@ -92,9 +92,11 @@ def test_plot_data_of_revisions_holds_theirs_and_the_workspaces(project):
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "base"], cwd=project, check=True)
     (project / "curves/lr.tsv").write_text("step\tlr\n1\t0.2\n", encoding="utf-8")
-    found = {plot["title"]: plot for plot in plots.plot_data(["HEAD"], root=project)}
-    assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD", "0.1"),
-                                                                                      ("workspace", "0.2")]
+    subprocess.run([*git, "commit", "-qam", "head"], cwd=project, check=True)
+    (project / "curves/lr.tsv").write_text("step\tlr\n1\t0.3\n", encoding="utf-8")
+    found = {plot["title"]: plot for plot in plots.plot_data(["HEAD~1"], root=project)}  # not DVC's default HEAD
+    assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD~1", "0.1"),
+                                                                                      ("workspace", "0.3")]
 
 
 def test_outside_a_dvc_project_the_plots_cannot_be_read(tmp_path):
