@@ -92,9 +92,11 @@ def test_plot_data_of_revisions_holds_theirs_and_the_workspaces(project):
     subprocess.run([*git, "add", "-A"], cwd=project, check=True)
     subprocess.run([*git, "commit", "-qm", "base"], cwd=project, check=True)
     (project / "curves/lr.tsv").write_text("step\tlr\n1\t0.2\n", encoding="utf-8")
-    found = {plot["title"]: plot for plot in plots.plot_data(["HEAD"], root=project)}
-    assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD", "0.1"),
-                                                                                      ("workspace", "0.2")]
+    subprocess.run([*git, "commit", "-qam", "head"], cwd=project, check=True)
+    (project / "curves/lr.tsv").write_text("step\tlr\n1\t0.3\n", encoding="utf-8")
+    found = {plot["title"]: plot for plot in plots.plot_data(["HEAD~1"], root=project)}  # not DVC's default HEAD
+    assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD~1", "0.1"),
+                                                                                      ("workspace", "0.3")]
 
 
 def test_outside_a_dvc_project_the_plots_cannot_be_read(tmp_path):
@@ -171,6 +173,10 @@ def test_lines_are_drawn_sorted_by_x_one_per_series(tmp_path, monkeypatch):
     assert axes.xaxis.get_gridlines()[0].get_visible() and axes.xaxis.get_gridlines()[0].get_alpha() == 0.3
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     assert tuple(figure.get_size_inches() * figure.dpi) == (700, 420)  # the size the report shows
+    from PIL import Image
+
+    with Image.open(tmp_path / "a.png") as png:  # no matplotlib version stamp: the same bytes on any version
+        assert png.size == (700, 420) and "Software" not in png.info
 
 
 def test_a_long_single_curve_has_no_markers_and_no_legend(tmp_path, monkeypatch):
@@ -186,28 +192,32 @@ def test_a_long_single_curve_has_no_markers_and_no_legend(tmp_path, monkeypatch)
 
 def test_scatter_plots_are_points_not_lines(tmp_path, monkeypatch):
     figures = _drawn(monkeypatch)
-    points = [{"base": b, "fine_tuned": f, "rev": "workspace"} for b, f in [("0.5", "0.25"), ("0.1", "0.75")]]
+    points = [{"base": b, "fine_tuned": f, "rev": r} for r, b, f in [("workspace", "0.5", "0.25"),
+                                                                     ("workspace", "0.1", "0.75"), ("main", "0.2", "0.2")]]
     plots.draw(_plot("scatter", points, x="base", y="fine_tuned"), tmp_path / "s.png")
     axes = figures[0].axes[0]
-    [collection] = axes.collections
-    assert len(axes.lines) == 0 and collection.get_offsets().tolist() == [[0.5, 0.25], [0.1, 0.75]]  # in row order
-    assert list(collection.get_sizes()) == [14]
+    ours, theirs = axes.collections
+    assert len(axes.lines) == 0 and ours.get_offsets().tolist() == [[0.5, 0.25], [0.1, 0.75]]  # in row order
+    assert list(ours.get_sizes()) == [14] and theirs.get_offsets().tolist() == [[0.2, 0.2]]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main"]
 
 
 def test_categories_on_the_x_axis_are_scattered_by_name(tmp_path, monkeypatch):
     figures = _drawn(monkeypatch)
-    points = [{"step": s, "loss": v} for s, v in [("warmup", "2.0"), ("end", "1.0")]]
+    points = [{"step": s, "loss": v, "rev": r} for r, s, v in [("workspace", "warmup", "2.0"), ("workspace", "end", "1.0"),
+                                                               ("main", "end", "3.0")]]
     plots.draw(_plot("linear", points), tmp_path / "c.png")
     axes = figures[0].axes[0]
-    [collection] = axes.collections
+    collection = axes.collections[0]
     assert len(axes.lines) == 0 and [t.get_text() for t in axes.get_xticklabels()] == ["warmup", "end"]
     assert collection.get_offsets()[:, 1].tolist() == [2.0, 1.0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main"]
 
 
 def test_a_confusion_plot_counts_every_pair_on_both_axes(tmp_path, monkeypatch):
     """Whichever way round the axes go, the labels, the diagonal and the cells' multiset are fixed."""
     figures = _drawn(monkeypatch)
-    pairs = [("yes", "yes"), ("yes", "yes"), ("yes", "no"), ("no", "no"), ("maybe", "no"), ("yes", "yes")]
+    pairs = [("yes", "yes")] * 4 + [("yes", "no"), ("no", "no"), ("no", "no"), ("maybe", "no")]
     points = [{"reference": a, "fine_tuned": p, "rev": "workspace", "filename": "d.json"} for a, p in pairs]
     points += [{"reference": "no", "fine_tuned": "yes", "rev": "main", "filename": "d.json"}]  # a second revision
     plots.draw(_plot("confusion", points, x="reference", y="fine_tuned"), tmp_path / "d.png")
@@ -217,12 +227,14 @@ def test_a_confusion_plot_counts_every_pair_on_both_axes(tmp_path, monkeypatch):
     labels = ["maybe", "no", "yes"]
     assert [t.get_text() for t in axes.get_xticklabels()] == labels == [t.get_text() for t in axes.get_yticklabels()]
     cells = axes.images[0].get_array().tolist()
-    assert [cells[i][i] for i in range(3)] == [0, 1, 3]
-    assert sorted(sum(cells, [])) == [0, 0, 0, 0, 0, 1, 1, 1, 3]
+    assert [cells[i][i] for i in range(3)] == [0, 2, 4]
+    assert sorted(sum(cells, [])) == [0, 0, 0, 0, 0, 1, 1, 2, 4]
+    assert axes.images[0].get_cmap().name == "Blues"  # dark at the top: the white counts stay readable
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): (t.get_text(), t.get_color()) for t in axes.texts}
     assert {cell: text for cell, (text, _) in texts.items()} == {(i, j): str(cells[i][j]) for i in range(3) for j in range(3)}
-    assert {cell: color for cell, (_, color) in texts.items()} == {
-        (i, j): "white" if cells[i][j] > 1.5 else "black" for i in range(3) for j in range(3)}
+    assert {cell: color for cell, (_, color) in texts.items()} == {  # white above half the top count (4)
+        (i, j): "white" if cells[i][j] == 4 else "black" for i in range(3) for j in range(3)}
+    assert {(t.get_ha(), t.get_va()) for t in axes.texts} == {("center", "center")}
     assert len(axes.lines) == 0 and axes.get_legend() is None
 
 
