@@ -53,8 +53,9 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
 
 
 def test_the_last_eval_loss_is_the_final_models_on_the_validation_rows(workspace):
-    # 5 steps, validation every 2 and a log line every 2: the Trainer validates at 2 and 4 only, and
-    # logs windows of 2, 2 and 1 steps (the last step always logs), so an unweighted mean of the windows is wrong.
+    # 5 steps, validation every 2 and a log line every 2: steps 2 and 4 are eval steps and the final
+    # model (step 5) must be measured too (transformers 5.17 does it; else the stage's trainer.evaluate()),
+    # and the log windows are 2, 2 and 1 steps (the last step always logs): an unweighted mean is wrong.
     from stages.evaluation import answer_loss, read_split
     from stages.merge import merged_model
 
