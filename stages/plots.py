@@ -6,9 +6,11 @@
 `dvc plots show` writes an HTML page that loads Vega from a CDN: blank on an offline server. This
 stage reads the same data the same way (DVC's own plot definitions and data, as
 `dvc plots diff REV... --json` gives them) and draws each plot with matplotlib into
-metrics/plots/<name>.png, one line per revision and file; a confusion-matrix template becomes a
-heatmap. The PNGs are git-tracked and byte-identical for identical data, so the report and the
-pull-request comment can link them.
+metrics/plots/<name>.png, one line per revision and file. A confusion-matrix template becomes one
+heatmap per revision, read as metrics/report.md's matrix (rows: reference, columns: decision, in
+eval.decision_options order, counts in the cells); a scatter gets the y = x line. The PNGs are
+git-tracked and byte-identical for identical data, so the report and the pull-request comment can
+link them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from pathlib import Path
 from stages import cli, paths
 from stages.errors import UserError, stage_entrypoint
 from stages.outputs import staged
+from stages.params import load_params
 
 log = logging.getLogger("stages.plots")
 
 
 def plot_data(revisions: list[str] | None = None, root: Path = Path(".")) -> list[dict]:
-    """Each plot of dvc.yaml as {title, template, x, y, x_label, y_label, points}, from DVC itself.
+    """Each plot of dvc.yaml as {title, template, x, y, x_label, y_label, points}, from DVC itself,
+    and a confusion plot's `classes` in the report's order.
 
     With revisions, the points of those revisions and the workspace, as `dvc plots diff` gives them.
     """
@@ -54,7 +58,15 @@ def plot_data(revisions: list[str] | None = None, root: Path = Path(".")) -> lis
             "x_label": props.get("x_label") or props["x"], "y_label": props.get("y_label") or props["y"],
             "points": renderer.datapoints,
         })
+    for plot in plots:
+        if plot["template"].startswith("confusion"):
+            plot["classes"] = decision_classes(root)
     return plots
+
+
+def decision_classes(root: Path = Path(".")) -> list[str]:
+    """The decision labels in eval.decision_options order: metrics/report.md's row and column order."""
+    return list(load_params(Path(root) / paths.PARAMS_FILE).eval.decision_options)
 
 
 def file_name(title: str) -> str:
@@ -79,14 +91,16 @@ def top_level_files(dvc_yaml: Path = paths.DVC_YAML) -> dict[str, str]:
 
 
 def _series(plot: dict) -> dict[str, list[tuple]]:
-    """(x, y) points per revision and file, in file order."""
+    """(x, y) points per revision and file, in file order, labelled by what tells them apart: the
+    revision when several are drawn, the file when several are."""
+    revisions = {point.get("rev", "") for point in plot["points"]}
+    files = {point.get("filename", "") for point in plot["points"]}
     series = defaultdict(list)
     for point in plot["points"]:
         y = point.get(plot["y"], point.get(point.get("field", "")))
-        label = point.get("rev", "")
-        if point.get("filename"):
-            label = f"{label} {point['filename']}".strip()
-        series[label].append((point.get(plot["x"]), y))
+        tells = (("rev", len(revisions) > 1), ("filename", len(files) > 1))
+        label = " ".join(point.get(key, "") for key, several in tells if several)
+        series[label or point.get("rev", "")].append((point.get(plot["x"]), y))
     return series
 
 
@@ -98,51 +112,82 @@ def _number(value):
 
 
 def draw(plot: dict, out_file: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    drawn = figure(plot)
+    # No 'Software' stamp: identical data gives identical bytes, whatever matplotlib's version.
+    drawn.savefig(out_file, format="png", metadata={"Software": None})
+    plt.close(drawn)
+
+
+def figure(plot: dict):
+    """The matplotlib figure of one plot, as `draw` saves it."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display, no browser
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=100)
     series = _series(plot)
     if plot["template"].startswith("confusion"):
-        _draw_confusion(axes, figure, series)
-    else:
-        for label, points in series.items():
-            xy = [(_number(x), _number(y)) for x, y in points]
-            if not all(x is not None and y is not None for x, y in xy):  # a category on the x axis
-                axes.scatter([str(x) for x, _ in points], [_number(y) for _, y in points], label=label)
-            elif plot["template"].startswith("scatter"):  # one point per row, unconnected
-                axes.scatter([x for x, _ in xy], [y for _, y in xy], s=14, label=label)
-            else:
-                xy.sort()
-                axes.plot([x for x, _ in xy], [y for _, y in xy], marker="." if len(xy) < 30 else None, label=label)
-        if len(series) > 1:
-            axes.legend(fontsize="small")
-        axes.grid(alpha=0.3)
+        return _confusion_figure(plot, series)
+    drawn, axes = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for label, points in series.items():
+        xy = [(_number(x), _number(y)) for x, y in points]
+        if not all(x is not None and y is not None for x, y in xy):  # a category on the x axis
+            axes.scatter([str(x) for x, _ in points], [_number(y) for _, y in points], label=label)
+        elif plot["template"].startswith("scatter"):  # one point per row, unconnected
+            axes.scatter([x for x, _ in xy], [y for _, y in xy], s=14, label=label)
+        else:
+            xy.sort()
+            axes.plot([x for x, _ in xy], [y for _, y in xy], marker="." if len(xy) < 30 else None, label=label)
+    if plot["template"].startswith("scatter"):
+        _diagonal(axes, plot, [_number(v) for points in series.values() for point in points for v in point])
+    if len(series) > 1 or plot["template"].startswith("scatter"):
+        axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
     axes.set_title(plot["title"])
     axes.set_xlabel(plot["x_label"])
     axes.set_ylabel(plot["y_label"])
-    figure.tight_layout()
-    # No 'Software' stamp: identical data gives identical bytes, whatever matplotlib's version.
-    figure.savefig(out_file, format="png", metadata={"Software": None})
-    plt.close(figure)
+    drawn.tight_layout()
+    return drawn
 
 
-def _draw_confusion(axes, figure, series) -> None:
-    """Counts of (actual, predicted) pairs, one panel's worth for the first revision: every label
-    on both axes, so the diagonal is agreement even where a model never gives some label."""
-    _, points = next(iter(series.items()))
-    rows = columns = sorted({str(value) for point in points for value in point})
-    counts = [[sum(1 for x, y in points if str(x) == c and str(y) == r) for c in columns] for r in rows]
-    image = axes.imshow(counts, cmap="Blues")
-    axes.set_xticks(range(len(columns)), columns)
-    axes.set_yticks(range(len(rows)), rows)
-    top = max(max(row) for row in counts)
-    for i, row in enumerate(counts):
-        for j, count in enumerate(row):
-            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
-    figure.colorbar(image, ax=axes)
+def _diagonal(axes, plot: dict, values: list) -> None:
+    """y = x on a scatter of two models' per-question scores (higher is better, as ROUGE-L): a point
+    above the line is a question the y model scores higher."""
+    values = [v for v in values if v is not None] or [0.0, 1.0]
+    low, high = min(values), max(values)
+    axes.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1,
+              label=f"y = x: above, {plot['y_label']} better; below, {plot['x_label']} better")
+
+
+def _confusion_figure(plot: dict, series: dict):
+    """One heatmap per revision, read as metrics/report.md's matrix: rows the reference (dvc.yaml's
+    x), columns the decision (its y), the classes in eval.decision_options order (then any other,
+    sorted) on both axes, so the diagonal is agreement even where a model never gives some label."""
+    import matplotlib.pyplot as plt
+
+    drawn, panels = plt.subplots(1, len(series), figsize=(1.5 + 4.5 * len(series), 4.2), dpi=100, squeeze=False)
+    for axes, (label, points) in zip(panels[0], series.items()):
+        classes = list(plot.get("classes", []))
+        classes += sorted({str(value) for point in points for value in point} - set(classes))
+        counts = [[sum(1 for x, y in points if str(x) == row and str(y) == column) for column in classes]
+                  for row in classes]
+        image = axes.imshow(counts, cmap="Blues", vmin=0)
+        axes.set_xticks(range(len(classes)), classes)
+        axes.set_yticks(range(len(classes)), classes)
+        axes.set_ylabel(f"{plot['x_label']} (rows)")
+        axes.set_xlabel(f"decision: {plot['y_label']} (columns)")
+        top = max(max(row) for row in counts)
+        for i, row in enumerate(counts):
+            for j, count in enumerate(row):
+                axes.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+        axes.set_title(label if len(series) > 1 else plot["title"])
+        drawn.colorbar(image, ax=axes)
+    if len(series) > 1:
+        drawn.suptitle(plot["title"])
+    drawn.tight_layout()
+    return drawn
 
 
 def render(plots: list[dict], out_dir: Path) -> list[Path]:

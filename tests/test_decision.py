@@ -50,9 +50,11 @@ def rows(sample_records, tiny_tokenizer):
     return cleaned
 
 
-def plain_logprob(model, tokenizer, system, row, instruction, word) -> tuple[float, int]:
-    """log P(reply = word) from one unbatched forward pass on the chat written out by hand."""
-    user = f"질문: {row['question']}\n\n초록:\n" + "\n\n".join(row["contexts"]) + f"\n\n{instruction}"
+def plain_logprob(model, tokenizer, system, row, instruction, word, contexts=True) -> tuple[float, int]:
+    """log P(reply = word) from one unbatched forward pass on the chat written out by hand
+    (without the abstract when not `contexts`)."""
+    asked = f"질문: {row['question']}\n\n초록:\n" + "\n\n".join(row["contexts"]) if contexts else row["question"]
+    user = f"{asked}\n\n{instruction}"
     chat = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -89,6 +91,19 @@ def test_option_logprobs_equal_a_plain_forward_pass_and_the_sum_decides(model, t
         # 예 is shorter than 아니요 and 불확실 in this tokenizer, so the two rules part ways here:
         # the test would fail if decisions were taken on the per-token mean.
         assert len(set(option_tokens.values())) > 1 and disagreements > 0
+
+
+def test_without_contexts_the_decision_chat_holds_the_question_alone(model, tiny_tokenizer, rows):
+    # data.include_contexts: false trains on the bare question; the decision must be asked the same way.
+    params = make_params(**{"data.include_contexts": False})
+    system = params.prompt.system
+    bare = [{**row, "prompt": render_prompt(tiny_tokenizer, build_messages(system, row["question"], row["contexts"],
+                                                                           False))} for row in rows]
+    scored, _ = score_decisions(model, tiny_tokenizer, bare, params)
+    for row, result in zip(bare, scored):
+        expected = {label: plain_logprob(model, tiny_tokenizer, system, row, KOREAN, word, contexts=False)[0]
+                    for label, word in params.eval.decision_options.items()}
+        assert result["option_logprobs"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_the_sum_not_the_mean_decides():

@@ -1,6 +1,9 @@
 """dvc.yaml agrees with the code: params each stage reads, modules it uses, paths it writes."""
 
 import ast
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,33 +49,66 @@ def _covered(key, declared):
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
+TEMPORARY = re.compile(r"\.([^/]+)\.(?:tmp|old)-\d+")  # stages/outputs.py's name for a staged output
+
+
+class FilesRead:
+    """The files each stage opens for reading inside a workspace, relative to it.
+
+    An audit hook (PEP 578) sees every open() and os.open() in this process, whichever library
+    makes it (json, datasets, transformers, DVC): what the stage's code really reads, where a list
+    kept by hand would drift. Hooks cannot be removed; this one does nothing while `stage` is None.
+    """
+
+    def __init__(self, root: Path):
+        self.root, self.stage, self.read = os.path.realpath(root), None, {}
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if event != "open" or self.stage is None or isinstance(args[0], int) or args[0] is None:
+            return
+        path, mode, flags = args
+        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR)
+        full = os.path.realpath(os.fsdecode(path))
+        # (a path relative to a dir_fd resolves to nothing that exists here: left out)
+        if not writing and full.startswith(self.root + os.sep) and os.path.exists(full):
+            relative = Path(os.path.relpath(full, self.root)).as_posix()
+            self.read.setdefault(self.stage, set()).add(TEMPORARY.sub(r"\1", relative))
+
+
 @pytest.fixture(scope="module")
-def params_read(smoke_template, tmp_path_factory):
-    import os
+def recorded(smoke_template, tmp_path_factory):
+    """Every stage run once in a copy of the smoke workspace: the dotted params each reads and the
+    files it opens for reading."""
     import shutil
 
     from stages import evaluate, evaluate_base, merge, plots, prepare, train, validate
 
     dest = tmp_path_factory.mktemp("recorded") / "ws"
     shutil.copytree(smoke_template, dest, symlinks=True)
-    previous, read = os.getcwd(), {}
+    previous, read, files = os.getcwd(), {}, FilesRead(dest)
     os.chdir(dest)
     try:
         for module in (validate, prepare, train, merge, evaluate_base, evaluate, plots):
             name = module.__name__.split(".")[-1]
             read[name] = set()
-            original = getattr(module, "load_params", None)  # plots reads no params
-            module.load_params = lambda seen=read[name]: ParamsRecorder(load_params(), "", seen)
+            original = module.load_params
+            module.load_params = lambda path=paths.PARAMS_FILE, seen=read[name]: ParamsRecorder(
+                load_params(path), "", seen)
+            files.stage = name
             try:
                 module.main([]) if module is plots else module.main()
             finally:
-                if original is None:
-                    del module.load_params
-                else:
-                    module.load_params = original
+                files.stage = None
+                module.load_params = original
     finally:
         os.chdir(previous)
-    return read
+    return {"params": read, "files": files.read, "params_file": load_params(dest / "params.yaml")}
+
+
+@pytest.fixture(scope="module")
+def params_read(recorded):
+    return recorded["params"]
 
 
 def test_only_validate_depends_on_every_param():
@@ -89,6 +125,39 @@ def test_every_param_a_stage_reads_is_declared_and_nothing_more(params_read, sta
     assert {key for key in read if not _covered(key, declared)} == set(), "read but not declared"
     unread = [d for d in declared if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)]
     assert unread == [], "declared but never read"
+
+
+# Opened by stages but not data a dep could name: params.yaml (keys checked above), DVC's and git's own files.
+NOT_DATA = ("params.yaml", "dvc.yaml", "dvc.lock", ".dvcignore", ".dvc/", ".git/")
+NOT_DATA_NAMES = (".gitignore",)
+ORDER_ONLY = {"data/validated.txt"}  # prepare's dep so that validate runs first; never read
+
+
+def _under(path: str, folders) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
+def _names(entries) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_every_file_a_stage_reads_is_a_dependency_and_every_data_dep_is_read(recorded, stage):
+    # A file read but not declared: DVC never reruns the stage when it changes (evaluate_base without
+    # data/prepared/test.jsonl keeps a baseline of other questions, and every delta against it is wrong).
+    params, deps = recorded["params_file"], DVC[stage]["deps"]
+    own = _names(DVC[stage].get("outs", []) + DVC[stage].get("metrics", []) + DVC[stage].get("plots", []))
+    # Named by params, not by dvc.yaml: hub ids in the shipped params.yaml, local folders in the smoke workspace.
+    by_params = [params.data.source, params.model.name, params.model.base_16bit]
+    # train's own state: the checkpoints of an unfinished run (deliberately no output) and DVCLive's
+    # summary, which it deletes (stages/callbacks.py)
+    private = [str(paths.CHECKPOINT_DIR), str(paths.DVCLIVE_TRAIN_DIR / "metrics.json")] if stage == "train" else []
+    read = {f for f in recorded["files"].get(stage, set())
+            if not (f.startswith(NOT_DATA) or f.endswith(".dvc") or Path(f).name in NOT_DATA_NAMES
+                    or _under(f, own + by_params + private))}
+    assert {f for f in read if not _under(f, deps)} == set(), "read but not a dependency"
+    data_deps = [d for d in deps if not d.startswith("stages/") and d not in ORDER_ONLY]
+    assert [d for d in data_deps if not any(_under(f, [d]) for f in read)] == [], "a dependency never read"
 
 
 def test_a_lora_change_reruns_train_merge_evaluate_but_not_prepare():

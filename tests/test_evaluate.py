@@ -55,6 +55,21 @@ def test_loss_equals_a_manual_computation(pipeline_run, merged):
     assert measured["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_the_validation_loss_is_the_loss_on_the_validation_rows(pipeline_run, base):
+    # Two measurements of the fine-tuned model on the validation rows, made apart: the Trainer's last
+    # one (of the final model; its 5 rows fit one eval batch, whose mean is over answer tokens) and
+    # evaluate's on the merged model. The test rows' loss is another number, so a validation loss
+    # taken on the test split fails here.
+    trained = _json(pipeline_run / paths.TRAIN_METRICS)["train"]["eval_loss_last"]
+    tuned = _json(pipeline_run / paths.EVAL_METRICS)["tuned"]
+    assert tuned["validation"]["loss"] == pytest.approx(trained, rel=1e-5)
+    assert tuned["validation"]["loss"] != pytest.approx(tuned["test"]["loss"], rel=1e-5)
+    model, tokenizer = base  # and the base model's, on the same rows
+    expected = answer_loss(model, tokenizer, _rows(pipeline_run, "validation"), batch_size=8)["loss"]
+    measured = _json(pipeline_run / paths.EVAL_BASE_METRICS)["base"]["validation"]["loss"]
+    assert measured == pytest.approx(expected, rel=1e-6)
+
+
 def test_batches_cover_every_item_once_in_order():
     assert list(_batches(list("abcde"), 2)) == [["a", "b"], ["c", "d"], ["e"]]
     assert list(_batches(list("abcd"), 4)) == [["a", "b", "c", "d"]]

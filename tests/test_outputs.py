@@ -32,6 +32,18 @@ def test_a_failure_while_staging_leaves_the_old_pair(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "metrics.json"]  # no temporary left
 
 
+def test_replacing_a_folder_and_its_metrics_leaves_no_temporary_behind(tmp_path):
+    # The replaced folder is first renamed to .adapter.old-<pid> (a folder cannot be renamed over a
+    # non-empty one): for the merged 8B model that copy is 16 GB, so it must go once the new one is in place.
+    adapter, metrics = tmp_path / "adapter", tmp_path / "metrics.json"
+    for weights in ("first", "second"):
+        with staged() as out:
+            (out.dir(adapter) / "weights").write_text(weights)
+            out.json(metrics, {"weights": weights})
+    assert (adapter / "weights").read_text() == "second" and json.loads(metrics.read_text()) == {"weights": "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "metrics.json"]  # no .old- or .tmp- left
+
+
 def test_the_artefact_is_renamed_into_place_before_its_metrics(tmp_path, monkeypatch):
     import os
 

@@ -13,7 +13,7 @@ import yaml
 
 from stages import paths
 from stages.headline import HEADLINE
-from stages.plots import draw, file_name
+from stages.plots import draw, figure, file_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,13 +46,88 @@ def test_every_plot_is_drawn_as_a_png_with_the_network_blocked(pipeline_run, tmp
         assert (copy / paths.PLOTS_DIR / name).read_bytes() == (pipeline_run / paths.PLOTS_DIR / name).read_bytes()
 
 
-def test_a_confusion_template_becomes_a_heatmap(tmp_path):
-    points = [{"actual": a, "predicted": p, "rev": "workspace", "filename": "eval/decisions.json"}
-              for a, p in [("yes", "yes"), ("yes", "no"), ("no", "no"), ("maybe", "no")]]
-    plot = {"title": "Decisions", "template": "confusion", "x": "actual", "y": "predicted",
-            "x_label": "actual", "y_label": "predicted", "points": points}
+def _confusion(points, classes=("yes", "no", "maybe"), revisions=("workspace",)):
+    points = [{"actual": a, "predicted": p, "rev": rev, "filename": "eval/decisions.json"}
+              for rev in revisions for a, p in points]
+    return {"title": "Decisions", "template": "confusion", "x": "actual", "y": "predicted",
+            "x_label": "actual", "y_label": "predicted", "points": points, "classes": list(classes)}
+
+
+def _heatmaps(drawn) -> dict[str, dict]:
+    """Each heatmap panel of a figure, read back from its artists: title, row and column labels,
+    the image's counts and the count written in each cell."""
+    panels = {}
+    for axes in (a for a in drawn.axes if a.images):
+        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in axes.texts}
+        panels[axes.get_title()] = {
+            "rows": [t.get_text() for t in axes.get_yticklabels()],
+            "columns": [t.get_text() for t in axes.get_xticklabels()],
+            "counts": axes.images[0].get_array().tolist(),
+            "cells": [[cells[i, j] for j in range(len(axes.get_xticklabels()))]
+                      for i in range(len(axes.get_yticklabels()))],
+            "y_label": axes.get_ylabel(),
+        }
+    return panels
+
+
+def test_a_confusion_heatmap_has_reference_rows_decision_columns_in_the_options_order(tmp_path):
+    plot = _confusion([("yes", "yes"), ("yes", "no"), ("no", "no"), ("maybe", "no")])
+    [panel] = _heatmaps(figure(plot)).values()
+    assert panel["rows"] == panel["columns"] == ["yes", "no", "maybe"]  # as eval.decision_options, not sorted
+    assert panel["y_label"] == "actual (rows)"
+    assert panel["counts"] == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]  # row: the reference, column: the decision
+    assert panel["cells"] == [[str(n) for n in row] for row in panel["counts"]]
+    # a label outside the classes still gets its row and column, after them
+    assert _heatmaps(figure(_confusion([("yes", "unsure")])))["Decisions"]["rows"] == ["yes", "no", "maybe", "unsure"]
     draw(plot, tmp_path / file_name(plot["title"]))
     assert (tmp_path / "decisions.png").read_bytes().startswith(PNG)
+
+
+def test_two_revisions_get_a_panel_or_a_series_each_labelled_with_the_revision():
+    panels = _heatmaps(figure(_confusion([("yes", "no")], revisions=("HEAD~1", "workspace"))))
+    assert sorted(panels) == ["HEAD~1", "workspace"]
+    curve = {"title": "Loss", "template": "linear", "x": "step", "y": "loss", "x_label": "step", "y_label": "loss",
+             "points": [{"step": s, "loss": 1.0 / s, "rev": rev, "filename": f"{name}/loss.tsv"}
+                        for rev in ("HEAD~1", "workspace") for name in ("train", "eval") for s in (1, 2)]}
+    [axes] = figure(curve).axes
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == [
+        "HEAD~1 train/loss.tsv", "HEAD~1 eval/loss.tsv", "workspace train/loss.tsv", "workspace eval/loss.tsv"]
+
+
+def test_the_rouge_scatter_has_the_diagonal_and_says_which_side_is_better():
+    plot = {"title": "ROUGE-L", "template": "scatter", "x": "base", "y": "fine_tuned", "x_label": "base",
+            "y_label": "fine_tuned", "points": [{"base": b, "fine_tuned": f, "rev": "workspace"}
+                                                for b, f in [(0.1, 0.3), (0.4, 0.2), (0.0, 0.0)]]}
+    [axes] = figure(plot).axes
+    [diagonal] = axes.get_lines()
+    assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [0.0, 0.4]
+    assert diagonal.get_label() == "y = x: above, fine_tuned better; below, base better"
+    assert diagonal.get_label() in [t.get_text() for t in axes.get_legend().get_texts()]
+
+
+def _report_matrix(report: str, title: str) -> tuple[list[str], list[list[int]]]:
+    """Labels and counts of one confusion table of metrics/report.md (rows: reference, columns: decision)."""
+    lines = report.splitlines()
+    header = lines.index(f"**{title}** (rows: reference, columns: decision)") + 2
+    labels = [cell.strip() for cell in lines[header].strip("|").split("|")][1:-1]
+    rows = [[cell.strip().strip("*") for cell in line.strip("|").split("|")]
+            for line in lines[header + 2:header + 2 + len(labels)]]
+    assert [row[0] for row in rows] == labels
+    return labels, [[int(cell) for cell in row[1:-1]] for row in rows]
+
+
+def test_the_plotted_confusion_cells_equal_the_reports_matrices(pipeline_run, monkeypatch):
+    from stages.plots import plot_data
+
+    monkeypatch.chdir(pipeline_run)
+    report = (pipeline_run / paths.REPORT).read_text(encoding="utf-8")
+    by_title = {plot["title"]: plot for plot in plot_data()}
+    for title, table in (("Decisions of the base model", "Base"), ("Decisions of the fine-tuned model", "Fine-tuned")):
+        labels, counts = _report_matrix(report, table)
+        [panel] = _heatmaps(figure(by_title[title])).values()
+        assert panel["rows"] == panel["columns"] == labels
+        assert panel["counts"] == counts and panel["cells"] == [[str(n) for n in row] for row in counts]
+        assert panel["y_label"] == "reference (rows)"
 
 
 def test_plot_names_are_short_and_stable():
@@ -187,6 +262,20 @@ def test_plots_of_two_revisions_are_drawn_together(two_commits, tmp_path):
     [combined] = [p for p in plot_data(["HEAD~1"], root=two_commits) if p["title"] == "Loss per optimizer step"]
     assert {point["rev"] for point in combined["points"]} == {"HEAD~1", "workspace"}
     assert (tmp_path / "plots/loss-per-optimizer-step.png").read_bytes().startswith(PNG)
+
+
+def test_the_review_comments_plots_hold_both_revisions(two_commits, tmp_path, monkeypatch):
+    from stages import plots
+    from tools.review import plots_section
+
+    drawn, real = [], plots.figure
+    monkeypatch.setattr(plots, "figure", lambda plot: drawn.append(real(plot)) or drawn[-1])
+    monkeypatch.chdir(two_commits)
+    lines = plots_section("HEAD~1", "", tmp_path / "plots")
+    assert len(drawn) == len([line for line in lines if line.startswith("![")]) > 0
+    for one in drawn:  # every figure, read back from its legend: a series from each revision
+        [axes] = one.axes
+        assert {text.get_text().split()[0] for text in axes.get_legend().get_texts()} == {"HEAD~1", "workspace"}
 
 
 def test_an_unknown_base_is_one_line(two_commits):

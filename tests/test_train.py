@@ -52,6 +52,40 @@ def test_training_lowers_the_loss_and_writes_metrics_and_curves(pipeline_run, mo
     assert saved.apply_chat_template(chat, tokenize=False) == trained_with.apply_chat_template(chat, tokenize=False)
 
 
+def test_the_last_eval_loss_is_the_final_models_on_the_validation_rows(workspace):
+    # 5 steps, validation every 2 and a log line every 2: steps 2 and 4 are eval steps and the final
+    # model (step 5) must be measured too (transformers 5.17 does it; else the stage's trainer.evaluate()),
+    # and the log windows are 2, 2 and 1 steps (the last step always logs): an unweighted mean is wrong.
+    from stages.evaluation import answer_loss, read_split
+    from stages.merge import merged_model
+
+    write_params(workspace, {"train.max_steps": 5, "train.eval_steps": 2, "train.save_steps": 2,
+                             "train.logging_steps": 2, "train.per_device_eval_batch_size": 16})
+    prepare.main()
+    train.main()
+    metrics = json.loads(paths.TRAIN_METRICS.read_text(encoding="utf-8"))["train"]
+    eval_curve, curve = _loss_curve("eval/loss"), _loss_curve()
+    assert [step for step, _ in eval_curve] == [2, 4, 5]  # the final model measured too
+    assert metrics["eval_loss_last"] == eval_curve[-1][1]
+    # ... on the validation rows: the final adapter's answer loss there, computed here (one batch of
+    # 5 rows, so the Trainer's batch mean is the mean over answer tokens)
+    model, tokenizer = merged_model("tiny-base", torch.float32), modeling.load_tokenizer(str(paths.ADAPTER_DIR))
+    on_validation = answer_loss(model, tokenizer, read_split("validation"), batch_size=16)
+    assert on_validation["n"] == 5 and metrics["eval_loss_last"] == pytest.approx(on_validation["loss"], rel=1e-5)
+    # train loss: each logged window's mean loss weighted by its steps
+    assert [step for step, _ in curve] == [2, 4, 5]
+    assert metrics["loss"] == pytest.approx((2 * curve[0][1] + 2 * curve[1][1] + curve[2][1]) / 5, abs=1e-9)
+
+
+def test_the_train_loss_weights_each_logged_window_by_its_steps():
+    # transformers logs the mean loss of the steps since the last log line: 3 steps at 1.0, then 1 at 5.0
+    history = [{"loss": 1.0, "step": 3}, {"eval_loss": 9.0, "step": 3}, {"loss": 5.0, "step": 4},
+               {"train_runtime": 1.0, "step": 4}]
+    assert callbacks.mean_train_loss(history) == pytest.approx((3 * 1.0 + 5.0) / 4)  # not (1 + 5) / 2
+    with pytest.raises(ValueError, match="no training loss was logged"):
+        callbacks.mean_train_loss([{"eval_loss": 1.0, "step": 2}])
+
+
 def test_unsloth_is_never_imported_on_cpu(pipeline_run):
     assert "unsloth" not in sys.modules
     assert json.loads((pipeline_run / ".imported.json").read_text()) == []  # nor by the process that ran every stage

@@ -60,6 +60,8 @@ MISTAKES = [
      "error: data.source = data/excel.csv: not UTF-8 text (Excel on Korean Windows saves cp949/EUC-KR); re-save it"),
     ("model-folder-missing", None, {"model.name": "models/base/llama"}, validate,
      "error: model.name = models/base/llama: no such folder"),
+    ("merge-base-folder-missing", None, {"model.base_16bit": "models/base/llama-16bit"}, validate,
+     "error: model.base_16bit = models/base/llama-16bit: no such folder"),
     ("local-model-with-one-slash-broken", _write("models/llama-ko/README.md", "empty"), {"model.name": "models/llama-ko"},
      prepare, "error: model.name = models/llama-ko: this local model could not be loaded"),
 ]
