@@ -99,6 +99,29 @@ BREAKAGES = [
         "render(plot_data([base]), plots_dir)",
         "render(plot_data(), plots_dir)",
         ("tests/test_review.py::test_the_review_comments_plots_hold_both_revisions",)),
+    Breakage(
+        "decoding-refilled-slot-sees-the-last-answers-stop", "stages/slots.py",
+        "stopped = (torch.isin(self.history, self.stops) & written).any(dim=1)",
+        "stopped = torch.isin(self.history, self.stops).any(dim=1)",
+        ("tests/test_slots.py::test_a_refilled_slot_ignores_the_stop_token_of_the_answer_before_it",
+         "tests/test_slots.py::test_a_stale_stop_token_past_the_written_tokens_is_not_read",
+         "tests/test_decoding.py::test_late_stops_and_refills_after_a_first_answer_ended_write_what_generate_writes")),
+    Breakage(
+        "decoding-positions-not-clamped-at-max-len", "stages/slots.py",
+        "self.positions.copy_((self.positions + 1).clamp(max=self.max_len - 1))",
+        "self.positions.copy_(self.positions + 1)",
+        ("tests/test_slots.py::test_a_free_slot_runs_on_at_the_last_column_of_its_row",
+         "tests/test_decoding.py::test_an_idle_slot_past_max_len_leaves_the_other_answer_as_generate_writes_it")),
+    Breakage(
+        "decoding-no-continuous-batching", "stages/decoding.py",
+        "if continuous or slots.all_free():",
+        "if slots.all_free():",
+        ("tests/test_decoding.py::test_a_slot_is_refilled_while_another_answer_is_still_written",)),
+    Breakage(
+        "memory-counts-the-loaded-weights-as-free", "stages/memory.py",
+        "return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()",
+        "return free + torch.cuda.memory_reserved()",
+        ("tests/test_decoding.py::test_free_bytes_on_an_h100_holding_the_8b_model",)),
 ]
 
 
