@@ -1,5 +1,5 @@
 """stages/plots.py's data side on a small DVC project in tmp_path (no git, no pipeline run): what it reads
-from DVC, the names it gives the PNGs, the series it draws and the artists it draws them with."""
+from DVC and params.yaml, the names it gives the PNGs, the series it draws and the artists it draws them with."""
 
 import json
 import logging
@@ -38,6 +38,14 @@ plots:
         decisions.json: predicted
 """
 
+# The confusion plots' classes come from eval.decision_options, in its order: here neither sorted nor the
+# default order (yes, no, maybe), so a class list taken from anywhere but this file shows.
+PARAMS_YAML = """\
+eval:
+  decision_options: {no: 아니요, yes: 예, maybe: 불확실}
+"""
+CLASSES = ["no", "yes", "maybe"]
+
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, caplog) -> Path:
@@ -49,6 +57,7 @@ def project(tmp_path, monkeypatch, caplog) -> Path:
     monkeypatch.chdir(tmp_path)
     Repo.init(".", no_scm=True).close()
     (tmp_path / "dvc.yaml").write_text(DVC_YAML, encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML, encoding="utf-8")
     for name, text in {"train/loss.tsv": "step\tloss\n1\t3.0\n2\t2.0\n", "eval/loss.tsv": "step\tloss\n2\t2.5\n",
                        "lr.tsv": "step\tlr\n1\t0.1\n", "grad.tsv": "step\tgrad\n1\t0.5\n"}.items():
         (tmp_path / "curves" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -76,11 +85,20 @@ def test_plot_data_is_each_vega_plot_with_its_points_as_dvc_reads_them(project):
     assert (decisions["template"], decisions["x"], decisions["y"]) == ("confusion", "actual", "predicted")
     assert (decisions["x_label"], decisions["y_label"]) == ("reference", "predicted")
     assert [(p["actual"], p["predicted"]) for p in decisions["points"]] == [("yes", "no"), ("no", "no")]
+    assert decisions["classes"] == CLASSES  # eval.decision_options' order: metrics/report.md's rows and columns
+    assert [title for title, plot in found.items() if "classes" in plot] == ["Decisions"]  # only a confusion plot
+
+
+def test_a_confusion_plot_needs_params_yaml(project):
+    (project / "params.yaml").unlink()
+    with pytest.raises(UserError, match=r"params\.yaml: not found"):
+        plots.plot_data(root=project)
 
 
 def test_plot_data_reads_the_current_folder_by_default(project):
-    assert [plot["title"] for plot in plots.plot_data()] == ["Loss per step", "Learning rate", "curves/grad.tsv",
-                                                             "Decisions"]
+    found = plots.plot_data()
+    assert [plot["title"] for plot in found] == ["Loss per step", "Learning rate", "curves/grad.tsv", "Decisions"]
+    assert found[-1]["classes"] == CLASSES == plots.decision_classes()  # the current folder's params.yaml
 
 
 def test_plot_data_of_revisions_holds_theirs_and_the_workspaces(project):
@@ -97,6 +115,7 @@ def test_plot_data_of_revisions_holds_theirs_and_the_workspaces(project):
     found = {plot["title"]: plot for plot in plots.plot_data(["HEAD~1"], root=project)}  # not DVC's default HEAD
     assert sorted((p["rev"], p["lr"]) for p in found["Learning rate"]["points"]) == [("HEAD~1", "0.1"),
                                                                                       ("workspace", "0.3")]
+    assert found["Decisions"]["classes"] == CLASSES
 
 
 def test_outside_a_dvc_project_the_plots_cannot_be_read(tmp_path):

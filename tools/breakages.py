@@ -170,8 +170,10 @@ def run_one(breakage: Breakage, every_test: bool = False) -> tuple[str, float, s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", metavar="NAME", help="run this breakage (repeatable)")
+    from stages import cli
+
+    parser = cli.parser("tools.breakages", __doc__)
+    parser.add_argument("--only", nargs="+", action="extend", metavar="NAME", help="run these breakages only")
     parser.add_argument("--list", action="store_true", help="print the table of breakages and their tests, run nothing")
     parser.add_argument("--every-test", action="store_true",
                         help="run all of a breakage's tests, not only up to the first failure (slower)")
