@@ -153,10 +153,27 @@ def test_series_are_per_revision_and_file_in_file_order():
         {"step": "4", "loss": "0.5", "filename": "lone.tsv"},
         {"loss": "0.1"},
     ]}
+    # several revisions and several files: both name a series; a missing key reads as an empty name
     assert plots._series(plot) == {"workspace train.tsv": [("1", "3.0"), ("2", "2.5")], "main train.tsv": [("1", "2.0")],
-                                   "workspace eval.tsv": [("2", "1.5")], "workspace": [("3", "1.0")],
-                                   "lone.tsv": [("4", "0.5")], "": [(None, "0.1")]}
+                                   "workspace eval.tsv": [("2", "1.5")], "workspace ": [("3", "1.0")],
+                                   " lone.tsv": [("4", "0.5")], " ": [(None, "0.1")]}
     assert list(plots._series(plot))[:2] == ["workspace train.tsv", "main train.tsv"]
+
+
+def _points(*rev_file_step):
+    return [{"step": step, "loss": "1.0", "rev": rev, "filename": name} for rev, name, step in rev_file_step]
+
+
+def test_series_are_labelled_only_by_what_tells_them_apart():
+    one_revision = _points(("workspace", "train.tsv", "1"), ("workspace", "eval.tsv", "1"), ("workspace", "train.tsv", "2"))
+    assert plots._series({"x": "step", "y": "loss", "points": one_revision}) == {
+        "train.tsv": [("1", "1.0"), ("2", "1.0")], "eval.tsv": [("1", "1.0")]}  # the file, not the revision
+    one_file = _points(("HEAD~1", "train.tsv", "1"), ("workspace", "train.tsv", "1"), ("HEAD~1", "train.tsv", "2"))
+    assert plots._series({"x": "step", "y": "loss", "points": one_file}) == {
+        "HEAD~1": [("1", "1.0"), ("2", "1.0")], "workspace": [("1", "1.0")]}  # the revision, not the file
+    alone = _points(("workspace", "train.tsv", "1"), ("workspace", "train.tsv", "2"))
+    assert plots._series({"x": "step", "y": "loss", "points": alone}) == {"workspace": [("1", "1.0"), ("2", "1.0")]}
+    assert plots._series({"x": "step", "y": "loss", "points": [{"step": "1", "loss": "1.0"}]}) == {"": [("1", "1.0")]}
 
 
 def test_numbers_or_none():
@@ -187,8 +204,8 @@ def test_lines_are_drawn_sorted_by_x_one_per_series(tmp_path, monkeypatch):
     axes = figure.axes[0]
     assert (axes.get_title(), axes.get_xlabel(), axes.get_ylabel()) == ("A title", "the x", "the y")
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_marker()) for line in axes.lines}
-    assert lines == {"workspace t.tsv": ([1.0, 2.0], [3.0, 2.0], "."), "main t.tsv": ([1.0], [4.0], ".")}
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace t.tsv", "main t.tsv"]
+    assert lines == {"workspace": ([1.0, 2.0], [3.0, 2.0], "."), "main": ([1.0], [4.0], ".")}  # one file: not named
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main"]
     assert axes.xaxis.get_gridlines()[0].get_visible() and axes.xaxis.get_gridlines()[0].get_alpha() == 0.3
     assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
     assert tuple(figure.get_size_inches() * figure.dpi) == (700, 420)  # the size the report shows
@@ -216,9 +233,17 @@ def test_scatter_plots_are_points_not_lines(tmp_path, monkeypatch):
     plots.draw(_plot("scatter", points, x="base", y="fine_tuned"), tmp_path / "s.png")
     axes = figures[0].axes[0]
     ours, theirs = axes.collections
-    assert len(axes.lines) == 0 and ours.get_offsets().tolist() == [[0.5, 0.25], [0.1, 0.75]]  # in row order
+    assert ours.get_offsets().tolist() == [[0.5, 0.25], [0.1, 0.75]]  # in row order
     assert list(ours.get_sizes()) == [14] and theirs.get_offsets().tolist() == [[0.2, 0.2]]
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main"]
+    [diagonal] = axes.lines  # the one line: y = x across every value drawn, to read "better" from
+    assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [0.1, 0.75]
+    assert (diagonal.get_color(), diagonal.get_linestyle(), diagonal.get_linewidth()) == ("grey", "--", 1)
+    said = "y = x: above, the y better; below, the x better"
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main", said]
+    plots.draw(_plot("scatter", [], x="base", y="fine_tuned"), tmp_path / "empty.png")
+    [diagonal] = figures[1].axes[0].lines  # nothing to span: the unit square's diagonal
+    assert list(diagonal.get_xdata()) == list(diagonal.get_ydata()) == [0.0, 1.0]
+    assert [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()] == [said]  # even one series: the line's legend
 
 
 def test_categories_on_the_x_axis_are_scattered_by_name(tmp_path, monkeypatch):
@@ -233,28 +258,61 @@ def test_categories_on_the_x_axis_are_scattered_by_name(tmp_path, monkeypatch):
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["workspace", "main"]
 
 
-def test_a_confusion_plot_counts_every_pair_on_both_axes(tmp_path, monkeypatch):
-    """Whichever way round the axes go, the labels, the diagonal and the cells' multiset are fixed."""
+def _heatmap(axes) -> dict:
+    """One heatmap panel read back from its artists: its labels, the image's counts, and each cell's text."""
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): (t.get_text(), t.get_color()) for t in axes.texts}
+    return {"title": axes.get_title(), "rows": [t.get_text() for t in axes.get_yticklabels()],
+            "columns": [t.get_text() for t in axes.get_xticklabels()], "counts": axes.images[0].get_array().tolist(),
+            "texts": [[cells[i, j][0] for j in range(len(axes.get_xticklabels()))] for i in range(len(axes.get_yticklabels()))],
+            "white": sorted(cell for cell, (_, color) in cells.items() if color == "white"),
+            "colors": {color for _, color in cells.values()}, "axis_labels": (axes.get_ylabel(), axes.get_xlabel())}
+
+
+def test_a_confusion_plot_is_a_heatmap_per_revision_rows_reference_columns_decision(tmp_path, monkeypatch):
+    """Read as metrics/report.md's matrix: a row per reference label, a column per decision, in the classes'
+    order (eval.decision_options'), the count in each cell; one panel per revision."""
     figures = _drawn(monkeypatch)
     pairs = [("yes", "yes")] * 4 + [("yes", "no"), ("no", "no"), ("no", "no"), ("maybe", "no")]
     points = [{"reference": a, "fine_tuned": p, "rev": "workspace", "filename": "d.json"} for a, p in pairs]
     points += [{"reference": "no", "fine_tuned": "yes", "rev": "main", "filename": "d.json"}]  # a second revision
-    plots.draw(_plot("confusion", points, x="reference", y="fine_tuned"), tmp_path / "d.png")
-    figure = figures[0]
-    axes = figure.axes[0]
-    assert len(figure.axes) == 2  # the heatmap and its colour bar
-    labels = ["maybe", "no", "yes"]
-    assert [t.get_text() for t in axes.get_xticklabels()] == labels == [t.get_text() for t in axes.get_yticklabels()]
-    cells = axes.images[0].get_array().tolist()
-    assert [cells[i][i] for i in range(3)] == [0, 2, 4]
-    assert sorted(sum(cells, [])) == [0, 0, 0, 0, 0, 1, 1, 2, 4]
-    assert axes.images[0].get_cmap().name == "Blues"  # dark at the top: the white counts stay readable
-    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): (t.get_text(), t.get_color()) for t in axes.texts}
-    assert {cell: text for cell, (text, _) in texts.items()} == {(i, j): str(cells[i][j]) for i in range(3) for j in range(3)}
-    assert {cell: color for cell, (_, color) in texts.items()} == {  # white above half the top count (4)
-        (i, j): "white" if cells[i][j] == 4 else "black" for i in range(3) for j in range(3)}
-    assert {(t.get_ha(), t.get_va()) for t in axes.texts} == {("center", "center")}
-    assert len(axes.lines) == 0 and axes.get_legend() is None
+    classes = ["yes", "no", "maybe"]  # not sorted: the order given is the order drawn
+    plots.draw(_plot("confusion", points, x="reference", y="fine_tuned") | {"classes": classes}, tmp_path / "d.png")
+    [figure] = figures
+    ours, theirs, *bars = figure.axes
+    assert [bar.get_label() for bar in bars] == ["<colorbar>"] * 2  # each heatmap has its colour bar
+    assert figure.get_suptitle() == "A title"  # the plot's title above, each panel its revision's
+    assert tuple(figure.get_size_inches() * figure.dpi) == (1050, 420)  # 1.5 + 4.5 inches a panel
+    assert _heatmap(ours) == {
+        "title": "workspace", "rows": classes, "columns": classes,
+        "counts": [[4, 1, 0], [0, 2, 0], [0, 1, 0]],  # row: the reference, column: the decision
+        "texts": [["4", "1", "0"], ["0", "2", "0"], ["0", "1", "0"]],
+        "white": [(0, 0)],  # white above half the top count (4): 2 is not
+        "colors": {"white", "black"}, "axis_labels": ("the x (rows)", "decision: the y (columns)")}
+    assert _heatmap(theirs) == {
+        "title": "main", "rows": classes, "columns": classes, "counts": [[0, 0, 0], [1, 0, 0], [0, 0, 0]],
+        "texts": [["0", "0", "0"], ["1", "0", "0"], ["0", "0", "0"]], "white": [(1, 0)], "colors": {"white", "black"},
+        "axis_labels": ("the x (rows)", "decision: the y (columns)")}
+    for axes in (ours, theirs):
+        assert axes.images[0].get_cmap().name == "Blues"  # dark at the top: the white counts stay readable
+        assert axes.images[0].get_clim() == (0, max(max(row) for row in axes.images[0].get_array().tolist()))  # from 0
+        assert {(t.get_ha(), t.get_va()) for t in axes.texts} == {("center", "center")}
+        assert len(axes.lines) == 0 and axes.get_legend() is None
+    assert (tmp_path / "d.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_confusion_plot_of_one_revision_is_one_panel_under_the_plots_title(tmp_path, monkeypatch):
+    figures = _drawn(monkeypatch)
+    points = [{"reference": a, "fine_tuned": p, "rev": "workspace"} for a, p in [("yes", "unsure"), ("no", "no")]]
+    plots.draw(_plot("confusion", points, x="reference", y="fine_tuned") | {"classes": ["yes", "no"]}, tmp_path / "d.png")
+    [figure] = figures
+    axes, bar = figure.axes
+    assert bar.get_label() == "<colorbar>" and figure.get_suptitle() == ""
+    assert tuple(figure.get_size_inches() * figure.dpi) == (600, 420)
+    panel = _heatmap(axes)
+    assert (panel["title"], panel["rows"], panel["columns"]) == ("A title", ["yes", "no", "unsure"], ["yes", "no", "unsure"])
+    assert panel["counts"] == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]  # a label outside the classes: its row and column after
+    plots.draw(_plot("confusion", points, x="reference", y="fine_tuned"), tmp_path / "e.png")  # no classes given
+    assert _heatmap(figures[1].axes[0])["rows"] == ["no", "unsure", "yes"]  # then every label, sorted
 
 
 def test_render_replaces_the_folder_with_one_png_per_plot(tmp_path):
