@@ -74,31 +74,45 @@ def test_numbers_are_short_and_missing_ones_say_so():
     assert review._number("abc") == "abc"
 
 
-def test_the_verdict_follows_the_better_direction():
-    assert review._verdict(1.0, 2.0, "higher") == "better"
-    assert review._verdict(2.0, 1.0, "higher") == "worse"
-    assert review._verdict(1.0, 2.0, "lower") == "worse"
-    assert review._verdict(2.0, 1.0, "lower") == "better"
-    assert review._verdict(1.0, 1.0, "higher") == review._verdict(1, 1, "lower") == "same"
-    assert review._verdict(None, 1.0, "higher") == review._verdict(1.0, None, "lower") == "n/a"
-    assert review._verdict("1.0", 2, "higher") == review._verdict(1, "2", "higher") == "n/a"
+def test_the_verdict_follows_the_interval_and_the_better_direction():
+    from stages.headline import verdict
+
+    def interval(low, high):
+        return {"delta": (low + high) / 2, "ci_low": low, "ci_high": high}
+
+    assert verdict(interval(0.1, 0.3), "higher") == verdict(interval(-0.3, -0.1), "lower") == "better"
+    assert verdict(interval(-0.3, -0.1), "higher") == verdict(interval(0.1, 0.3), "lower") == "worse"
+    # a positive change whose interval spans or touches 0 is not a verdict, in either direction
+    assert verdict(interval(-0.1, 0.3), "higher") == verdict(interval(0.0, 0.3), "higher") == "no clear change"
+    assert verdict(interval(-0.3, 0.0), "lower") == "no clear change"
+    assert verdict(None, "higher") == verdict({}, "lower") == "no interval"
+    assert verdict(interval(float("nan"), 0.2), "higher") == verdict({"ci_low": True, "ci_high": 2}, "higher") \
+        == "no interval"
 
 
 def test_the_headline_table_has_one_row_per_headline_metric_in_order():
     accuracy, loss = HEADLINE[0], next(m for m in HEADLINE if m.key == "train.loss")
+    shown = [m for m in HEADLINE if not m.key.startswith("vs_base.")]
     values = {(accuracy.file, accuracy.key): (0.5, 0.625), (loss.file, loss.key): (1.5, None),
               ("metrics/other.json", "x"): (1.0, 2.0)}
-    lines = review.headline_table(values, "main").splitlines()
-    assert lines[:2] == ["| metric | main | this revision | change | verdict |", "| --- | ---: | ---: | ---: | --- |"]
-    assert len(lines) == 2 + len(HEADLINE)
-    assert lines[2] == "| `tuned.test.accuracy` (higher is better) | 0.5000 | 0.6250 | +0.1250 | better |"
-    assert lines[2 + HEADLINE.index(loss)] == "| `train.loss` (lower is better) | 1.5000 | n/a | n/a | n/a |"
-    assert lines[3] == "| `tuned.test.rougeL` (higher is better) | n/a | n/a | n/a | n/a |"
-    assert [line.split("`")[1] for line in lines[2:]] == [m.key for m in HEADLINE]
+    lines = review.headline_table(values, "main", {}).splitlines()
+    assert lines[:2] == ["| metric | main | this revision | change [95% interval] | verdict |",
+                         "| --- | ---: | ---: | ---: | --- |"]
+    assert len(lines) == 2 + len(shown)
+    # no interval: the plain change, and no verdict from its sign
+    assert lines[2] == "| `tuned.test.accuracy` (higher is better) | 0.5000 | 0.6250 | +0.1250 | no interval |"
+    assert lines[2 + shown.index(loss)] == "| `train.loss` (lower is better) | 1.5000 | n/a | n/a | no interval |"
+    assert lines[3] == "| `tuned.test.rougeL` (higher is better) | n/a | n/a | n/a | no interval |"
+    assert [line.split("`")[1] for line in lines[2:]] == [m.key for m in shown]
+    # with the paired interval: the paired change (not new minus old), its interval and the verdict
+    intervals = {accuracy.key: {"delta": 0.1, "ci_low": 0.02, "ci_high": 0.18},
+                 "tuned.test.rougeL": {"delta": 0.05, "ci_low": -0.01, "ci_high": 0.11}}
     values = {(accuracy.file, accuracy.key): (None, 0.5), (loss.file, loss.key): (2, 1)}
-    lines = review.headline_table(values, "v1").splitlines()
-    assert lines[2] == "| `tuned.test.accuracy` (higher is better) | n/a | 0.5000 | n/a | n/a |"
-    assert lines[2 + HEADLINE.index(loss)] == "| `train.loss` (lower is better) | 2 | 1 | -1.0000 | better |"
+    lines = review.headline_table(values, "v1", intervals).splitlines()
+    assert lines[2] == "| `tuned.test.accuracy` (higher is better) | n/a | 0.5000 | +0.1000 [+0.0200, +0.1800] | better |"
+    assert lines[3] == "| `tuned.test.rougeL` (higher is better) | n/a | n/a | +0.0500 [-0.0100, +0.1100] " \
+                       "| no clear change |"
+    assert lines[2 + shown.index(loss)] == "| `train.loss` (lower is better) | 2 | 1 | -1.0000 | no interval |"
 
 
 def test_the_report_summary_is_its_first_table(tmp_path):
@@ -162,9 +176,14 @@ def test_the_comment_puts_each_section_in_order(tmp_path, monkeypatch):
     assert text.endswith("\n") and not text.endswith("\n\n")
     lines = text.splitlines()
     assert lines[:4] == ["## Review against main", "", "### Headline metrics", ""]
-    table = review.headline_table(review.metric_values("main"), "main")
+    table = review.headline_table(review.metric_values("main"), "main", {})  # no git here: no paired interval
     assert "\n".join(lines[4:4 + len(table.splitlines())]) == table
     rest = lines[4 + len(table.splitlines()):]
+    within = review.within_revisions_table(review.metric_values("main"), "main").splitlines()
+    assert rest[:3] == ["", "Change = this revision minus main; the interval is a paired bootstrap over the test "
+                            "questions both revisions answered: better / worse only when it excludes 0.", ""]
+    assert rest[3:3 + len(within)] == within and within[0] == "| fine-tuned minus base | main | this revision |"
+    rest = rest[3 + len(within):]
     assert rest == ["", "### Params", "", "| Path | Param |", "",
                     "<details><summary>2 other metrics changed (quality and cost)</summary>", "",
                     "| file | metric | main | this revision |", "| --- | --- | ---: | ---: |",
@@ -290,10 +309,12 @@ def test_main_shows_experiments_with_dvcs_own_options(monkeypatch):
     assert shown == [["--all-commits", "--sha"]]
 
 
-@pytest.mark.parametrize("argv", [[], ["main", "--unknown"]])
-def test_main_without_a_base_or_with_unknown_options_says_what_to_give(monkeypatch, capsys, argv):
+@pytest.mark.parametrize("argv, said", [
+    ([], "error: give the revision to compare with: python -m tools.review main"),
+    (["main", "--unknown"], "error: unrecognized arguments: --unknown; see `python -m tools.review --help`")])
+def test_main_without_a_base_or_with_unknown_options_says_what_to_give(monkeypatch, capsys, argv, said):
     monkeypatch.setattr(review, "comment", lambda *args: pytest.fail("no comment without a base"))
     with pytest.raises(SystemExit) as stopped:
         review.main(argv)
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: give the revision to compare with: python -m tools.review main"
+    assert capsys.readouterr().err.strip() == said
