@@ -156,7 +156,8 @@ def run_one(breakage: Breakage, every_test: bool = False) -> tuple[str, float, s
         path.write_text(path.read_text(encoding="utf-8").replace(breakage.old, breakage.new), encoding="utf-8")
         # The copy's stages/ and tools/ first, ahead of any editable install of the project.
         env = {**os.environ, "PYTHONPATH": str(copy)}
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # One process (-n 0): under xdist workers a stop at the first failure exits 2, not 1.
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                                  *([] if every_test else ["-x"]), *breakage.tests],
                                 cwd=copy, env=env, capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
