@@ -134,7 +134,7 @@ def _metrics_against_main(project: Path, output: str) -> None:
 
 
 def _review_comment(project: Path, output: str) -> None:
-    assert "| metric | main | this revision | change | verdict |" in output, output
+    assert "| metric | main | this revision | change [95% interval] | verdict |" in output, output
     assert any(re.fullmatch(r"\|\s*params\.yaml\s*\|\s*lora\.r\s*\|\s*16\s*\|\s*8\s*\|", line)
                for line in output.splitlines()), output
 

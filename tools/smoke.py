@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from stages import cli
+from stages.errors import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("dvc.yaml", "params.yaml", "stages", "tools", "data/sample", ".dvcignore", "Makefile")
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("smoke"), help="workspace to (re)create")
     parser.add_argument("--grid", action="store_true", help=f"then queue and run the grid {GRID}")
     args = parser.parse_args()
+    setup_logging()  # as every stage: `make smoke > log` gets no progress bars (the tiny model's, DVC's)
     started = time.perf_counter()
     workspace = make_workspace(args.dir)
     print(f"smoke workspace: {workspace} (tiny model, {len(SMOKE_PARAMS)} params overridden)", flush=True)
