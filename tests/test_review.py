@@ -182,20 +182,27 @@ def _write_result(repo: Path, metrics: dict, losses: list[float]) -> None:
         tsv.write_text("step\tloss\n" + "".join(f"{i + 1}\t{v}\n" for i, v in enumerate(losses)), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def two_commits(tmp_path_factory) -> Path:
-    """The project's dvc.yaml and params.yaml; a base commit, then a commit that changes lora.r and
-    the results (as after `dvc exp run -S lora.r=8` and a commit). Nothing is trained."""
-    from tools.smoke import dvc_environment, write_params
+def _empty_project(repo: Path) -> None:
+    """A git + DVC repository holding the project's dvc.yaml and params.yaml, nothing committed."""
+    from tools.smoke import dvc_environment
 
-    repo = tmp_path_factory.mktemp("review") / "repo"
-    repo.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(ROOT / name, repo / name)
     _git(repo, "init", "-q")
     _git(repo, "config", "user.email", "t@localhost")
     _git(repo, "config", "user.name", "t")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=dvc_environment())
+
+
+@pytest.fixture(scope="module")
+def two_commits(tmp_path_factory) -> Path:
+    """The project's dvc.yaml and params.yaml; a base commit, then a commit that changes lora.r and
+    the results (as after `dvc exp run -S lora.r=8` and a commit). Nothing is trained."""
+    from tools.smoke import write_params
+
+    repo = tmp_path_factory.mktemp("review") / "repo"
+    repo.mkdir()
+    _empty_project(repo)
     _write_result(repo, BASE_METRICS, [2.0, 1.8, 1.5])
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "base")
@@ -354,16 +361,9 @@ def untrained_then_tuned(tmp_path_factory) -> Path:
     """A base commit whose "fine-tuned" model answers as the base model does (an untrained adapter),
     then a commit whose fine-tuned model does better on 5 questions: ROUGE-L up, but on so few
     questions that its interval spans 0; the answer loss lower on every question."""
-    from tools.smoke import dvc_environment
-
     repo = tmp_path_factory.mktemp("verdicts") / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy2(ROOT / name, repo / name)
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "t@localhost")
-    _git(repo, "config", "user.name", "t")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, env=dvc_environment())
+    _empty_project(repo)
     _write_run(repo, _five_questions([0.1, 0.3, 0.4, 0.2, 0.3], [2.0] * 5))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "untrained")
