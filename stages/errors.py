@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 log = logging.getLogger("stages")
@@ -53,25 +55,48 @@ def setup_logging() -> None:
             os.environ.setdefault(name, "1")
 
 
-INTERRUPTED = (
-    "interrupted: no output was replaced; rerun `dvc repro` to continue (train resumes from its last "
-    "complete checkpoint when params, data and code are unchanged)"
-)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch scheduler's time limit), raised where Ctrl-C would be, so it stops the same way."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+_outputs_replaced = False  # set by stages.outputs once this process has put new outputs in place
+
+
+def note_outputs_replaced() -> None:
+    global _outputs_replaced
+    _outputs_replaced = True
+
+
+def interrupted_line(sigterm: bool) -> str:
+    what = "terminated (SIGTERM)" if sigterm else "interrupted"
+    if _outputs_replaced:
+        return (f"{what} after this stage had written its new outputs, complete, which dvc.lock does not record "
+                "yet: run `dvc commit` to record them, or `dvc repro` to run the stage again")
+    return (f"{what}: no output was replaced; rerun `dvc repro` to continue (train resumes from its last "
+            "complete checkpoint when params, data and code are unchanged)")
 
 
 def stage_entrypoint(main: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a stage's main(): set up logging; a UserError becomes `error: ...` + exit 2, Ctrl-C one line + 130."""
+    """Wrap a stage's main(): set up logging; a UserError becomes `error: ...` + exit 2; Ctrl-C and
+    SIGTERM one line each and exit 130 and 143, as the shell reports a process they stop."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         setup_logging()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return main(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print(INTERRUPTED, file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as exc:
+            sigterm = isinstance(exc, Terminated)
+            print(interrupted_line(sigterm), file=sys.stderr)
+            raise SystemExit(128 + (signal.SIGTERM if sigterm else signal.SIGINT)) from None
 
     return run

@@ -90,7 +90,18 @@ def launch(num_processes: int, config_file: str | None, backend: str, module: st
         str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module,
     ]
     log.info("launching %d processes, backend %s: %s", num_processes, backend, " ".join(command[1:]))
-    return subprocess.run(command).returncode
+    launcher = subprocess.Popen(command)
+    try:
+        return launcher.wait()
+    except BaseException:
+        # Ctrl-C reached the whole process group; a SIGTERM sent to this process alone (`kill`) did
+        # not: pass it on, so the launcher stops its processes instead of leaving them on the GPUs.
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+        raise
 
 
 def bind_device(on_cuda: bool) -> None:

@@ -1,16 +1,21 @@
 """Atomic writes: a stage that fails leaves its previous outputs as they were, never half-written.
 
-Every output is first written under a temporary name beside its final path, then renamed over it
-(`os.replace` is atomic on one filesystem). Outputs that belong together (an adapter and the
-metrics that describe it) are staged together and renamed only once all of them are written, the
-artefact before its metrics, so a failure anywhere leaves the old pair. Temporary names carry the
-writer's pid; those of a killed run are removed by the next write to the same place.
+Every output is declared `persist: true` in dvc.yaml, so DVC leaves the previous version in place
+while a stage runs, and the stage replaces it only here. Each output is first written under a
+temporary name beside its final path. A stage's outputs are staged together and published only
+once all of them are written, as one transaction: a journal (models/.publishing-<pid>.json) lists
+them, every previous version is moved aside before the new one is renamed into place, and the
+journal is marked committed once all are in place. Ctrl-C and SIGTERM wait for the renames (a few
+milliseconds); an error in the middle puts every previous version back; after a kill (SIGKILL,
+power loss) the next stage to write outputs finds the journal and rolls the transaction back (not
+committed) or finishes it (committed). So every output is always either its previous version or
+the new one, never a mix of the two runs. Temporary names carry the writer's pid; those of a
+killed run are removed by the next write to the same place.
 
-A measurement of how the outputs were made (time, speed, memory: the cost files, declared
-`persist` so DVC leaves them in place while the stage runs) is replaced only when the run made
-something new. A rerun whose other outputs hash exactly as dvc.lock records them keeps the
-measurement dvc.lock records too, so a bit-identical rerun leaves git, dvc.lock and
-`dvc metrics diff` clean; a run with other params, data, code, libraries or device writes other
+A measurement of how the outputs were made (time, speed, memory: the cost files) is replaced
+only when the run made something new. A rerun whose other outputs hash exactly as dvc.lock
+records them keeps the measurement dvc.lock records too, so a bit-identical rerun leaves git,
+dvc.lock and `dvc metrics diff` clean; a run with other params, data, code, libraries or device writes other
 outputs (the info file names code, libraries and device) and so a new measurement.
 """
 
@@ -21,12 +26,14 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from stages import paths
-from stages.errors import UserError
+from stages.errors import UserError, note_outputs_replaced
 
 log = logging.getLogger("stages.outputs")
 _TAGS = ("tmp", "old")
@@ -46,13 +53,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def remove_stale_temporaries(final: Path) -> list[Path]:
-    """Delete temporary siblings of `final` left by runs that were killed (their pid is gone)."""
+    """Delete temporary siblings of `final` left by runs that were killed (their pid is gone).
+
+    An interrupted publication is settled first: its moved-aside previous versions go back.
+    """
+    recover_interrupted_publications()
     removed = []
     for candidate in Path(final).parent.glob(f".{Path(final).name}.*-*"):
         tag, _, pid = candidate.name.rpartition(".")[2].partition("-")
         if tag in _TAGS and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(candidate) if candidate.is_dir() else candidate.unlink()
+            _remove(candidate)
             removed.append(candidate)
     return removed
 
@@ -63,6 +81,7 @@ def _write_error(path: Path, exc: OSError) -> UserError:
 
 def check_writable(*finals: Path) -> None:
     """Fail in one line, before any expensive work, when an output's folder cannot be written."""
+    recover_interrupted_publications()
     for final in finals:
         final = Path(final)
         probe = _temporary_sibling(final, "tmp")
@@ -116,7 +135,7 @@ class Staged:
 
     def _reproduced(self) -> bool:
         """Every output hashes as dvc.lock records it: the new ones staged, the measurements in place."""
-        recorded = locked_hashes()  # DVC has deleted the other outputs' old versions before the run
+        recorded = locked_hashes()  # what the previous run's outputs hashed to, as DVC recorded them
         for tmp, final in self._pairs:
             current = final if final in self._measurements else tmp
             if not current.exists() or dvc_md5(current) != recorded.get(final.as_posix()):
@@ -131,21 +150,123 @@ class Staged:
                     log.info("kept %s as dvc.lock records it: every other output reproduces dvc.lock exactly, "
                              "so this run's new measurement is not written", final)
             self._pairs = [(tmp, final) for tmp, final in self._pairs if final not in self._measurements]
-        for tmp, final in self._pairs:
-            old = _temporary_sibling(final, "old")
-            try:
-                if tmp.is_dir() and final.exists():
-                    os.replace(final, old)  # a folder cannot be renamed over a non-empty one
-                os.replace(tmp, final)
-            except OSError as exc:
-                raise _write_error(final, exc) from None
-            shutil.rmtree(old, ignore_errors=True)
+        if self._pairs:
+            _Publication(self._pairs).run()
         self._pairs = []
 
     def discard(self) -> None:
         for tmp, _ in self._pairs:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self._pairs = []
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (a few renames), then act as they would have."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal is delivered here
+
+
+class _Publication:
+    """Renames staged outputs into place all together or not at all; see the module docstring."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], journal: Path | None = None, pid: int | None = None):
+        self.pid = os.getpid() if pid is None else pid
+        self.journal = journal or paths.PUBLISH_JOURNALS / f".publishing-{self.pid}.json"
+        # (temporary, final, where the previous version goes, whether there was one)
+        self.moves = [(tmp, final, _temporary_sibling(final, "old"), final.exists() or final.is_symlink())
+                      for tmp, final in pairs]
+
+    @property
+    def commit_mark(self) -> Path:
+        return self.journal.with_suffix(".committed")
+
+    def _write_journal(self) -> None:
+        """Flushed to disk before the first rename: a journal that does not parse means none had begun."""
+        entries = [[str(tmp), str(final), str(old), existed] for tmp, final, old, existed in self.moves]
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(entries, ensure_ascii=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @classmethod
+    def read(cls, journal: Path) -> "_Publication":
+        publication = cls([], journal=journal, pid=-1)
+        entries = json.loads(journal.read_text(encoding="utf-8"))
+        publication.moves = [(Path(tmp), Path(final), Path(old), existed) for tmp, final, old, existed in entries]
+        return publication
+
+    def run(self) -> None:
+        committed, current = False, self.journal
+        try:
+            with _signals_held():  # a signal that came meanwhile is raised as this block ends
+                self._write_journal()
+                try:
+                    for tmp, final, old, existed in self.moves:
+                        current = final
+                        if existed:
+                            os.replace(final, old)  # a folder cannot be renamed over a non-empty one
+                        os.replace(tmp, final)
+                    current = self.commit_mark
+                    current.touch()
+                except BaseException:
+                    self.roll_back()
+                    raise
+                committed = True
+                note_outputs_replaced()
+        except OSError as exc:
+            raise _write_error(current, exc) from None
+        finally:
+            if committed:
+                self.finish()
+
+    def roll_back(self) -> None:
+        """Every output back to its previous version (or absent, if it had none)."""
+        for tmp, final, old, existed in reversed(self.moves):
+            if old.exists() or old.is_symlink():
+                _remove(final)
+                os.replace(old, final)
+            elif not existed and not (tmp.exists() or tmp.is_symlink()):
+                _remove(final)  # this run's new output, with no earlier one to go back to
+            _remove(tmp)
+        self.commit_mark.unlink(missing_ok=True)
+        self.journal.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The new versions are in place: delete the previous ones, then the journal."""
+        for _, _, old, _ in self.moves:
+            _remove(old)
+        self.journal.unlink(missing_ok=True)
+        self.commit_mark.unlink(missing_ok=True)
+
+
+def recover_interrupted_publications(journal_dir: Path | None = None) -> None:
+    """Settle what a killed stage's publication left: back to before it, or on to its end if committed."""
+    journal_dir = paths.PUBLISH_JOURNALS if journal_dir is None else journal_dir
+    for journal in sorted(journal_dir.glob(".publishing-*.json")):
+        pid = journal.name.removeprefix(".publishing-").removesuffix(".json")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            publication = _Publication.read(journal)
+        except (ValueError, TypeError):  # cut short while written: no rename had begun
+            journal.unlink()
+            continue
+        if publication.commit_mark.exists():
+            publication.finish()
+            log.warning("a stage was stopped just after replacing its outputs: removed their previous versions")
+        else:
+            publication.roll_back()
+            log.warning("a stage was stopped while replacing its outputs: put every previous version back (%s)",
+                        ", ".join(str(final) for _, final, _, _ in publication.moves))
 
 
 def locked_hashes(lock_file: Path = paths.DVC_LOCK) -> dict[str, str]:

@@ -23,7 +23,13 @@ ADAPTER_DIR = Path("models/adapter")
 # deleted once the run has written its outputs.
 CHECKPOINT_DIR = Path("models/checkpoints")
 MERGED_DIR = Path("models/merged")
+# Where a stage notes the outputs it is replacing, until all are in place (stages/outputs.py):
+# git-ignored like the rest of models/, and never a DVC output itself.
+PUBLISH_JOURNALS = Path("models")
 DVCLIVE_TRAIN_DIR = Path("dvclive/train")
+TRAIN_CURVES = DVCLIVE_TRAIN_DIR / "plots/metrics"  # the output in dvc.yaml: DVCLive's .tsv files
+# DVCLive writes there while train runs; train publishes the curves to TRAIN_CURVES with its other outputs.
+CURVES_SCRATCH = CHECKPOINT_DIR / "dvclive"
 
 METRICS_DIR = Path("metrics")
 # Quality metrics (what a reviewer compares) in metrics/, the cost of producing them in

@@ -6,7 +6,8 @@ Reads data/prepared/{train,validation}.jsonl and the seed, model, prompt, lora a
 writes models/adapter/ (PEFT adapter + tokenizer), metrics/train.json (losses),
 metrics/cost/train.json (speed, memory; kept as it is when a rerun reproduces the locked result,
 see stages/outputs.py), metrics/info/train.json (steps, tokens, backend, device, versions, the
-run fingerprint) and DVCLive loss curves in dvclive/train/. While it runs, checkpoints go to
+run fingerprint) and DVCLive loss curves in dvclive/train/plots/metrics, all together and only at
+the end (stages/outputs.py). While it runs, checkpoints and the curves so far go to
 models/checkpoints/ (outside DVC): rerunning an interrupted train with the same params, data,
 code and libraries continues from the last complete one; a finished run deletes them.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 from stages import checkpoints, launch, paths
 from stages.cli import no_arguments
@@ -112,9 +114,10 @@ def save_adapter(model, tokenizer, folder) -> None:
 
 
 def write_outputs(trainer, tokenizer, metrics: dict, cost: dict, info: dict) -> None:
-    """The adapter, then the numbers that describe it, renamed into place only when all are written."""
+    """The adapter, then the numbers and curves that describe it, renamed into place only when all are written."""
     with staged() as out:
         save_adapter(trainer.model, tokenizer, out.dir(paths.ADAPTER_DIR))
+        shutil.copytree(paths.CURVES_SCRATCH / "plots/metrics", out.dir(paths.TRAIN_CURVES), dirs_exist_ok=True)
         out.json(paths.TRAIN_METRICS, metrics)
         out.measurement(paths.TRAIN_COST, cost)
         out.json(paths.TRAIN_INFO, info)
@@ -130,7 +133,7 @@ def main() -> None:
     for split in ("train", "validation"):
         if not paths.split_file(split).exists():
             raise UserError(f"{paths.split_file(split)} is missing; run `dvc repro prepare` first")
-    check_writable(paths.ADAPTER_DIR, paths.TRAIN_METRICS, paths.TRAIN_COST, paths.TRAIN_INFO,
+    check_writable(paths.ADAPTER_DIR, paths.TRAIN_METRICS, paths.TRAIN_COST, paths.TRAIN_INFO, paths.TRAIN_CURVES,
                    paths.CHECKPOINT_DIR / checkpoints.FINGERPRINT_FILE)
     launch.use_one_gpu(train.num_processes)
     on_cuda = cuda_available()
@@ -156,7 +159,7 @@ def main() -> None:
         resume_from = checkpoints.checkpoint_to_resume(fingerprint)
     main_process = launch.is_main_process()
     throughput = Throughput()
-    curves = LossCurves(str(paths.DVCLIVE_TRAIN_DIR))
+    curves = LossCurves(str(paths.CURVES_SCRATCH))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, params.seed, max_length, on_cuda),

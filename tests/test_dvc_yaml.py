@@ -70,8 +70,10 @@ class FilesRead:
         path, mode, flags = args
         writing = any(c in mode for c in "wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR)
         full = os.path.realpath(os.fsdecode(path))
-        # (a path relative to a dir_fd resolves to nothing that exists here: left out)
-        if not writing and full.startswith(self.root + os.sep) and os.path.exists(full):
+        # A path relative to a dir_fd resolves to nothing that exists here, or to an unrelated folder
+        # (shutil.rmtree opens each subfolder by name): left out, as are folders, whose files are
+        # opened one by one anyway.
+        if not writing and full.startswith(self.root + os.sep) and os.path.isfile(full):
             relative = Path(os.path.relpath(full, self.root)).as_posix()
             self.read.setdefault(self.stage, set()).add(TEMPORARY.sub(r"\1", relative))
 
@@ -109,6 +111,16 @@ def recorded(smoke_template, tmp_path_factory):
 @pytest.fixture(scope="module")
 def params_read(recorded):
     return recorded["params"]
+
+
+def test_every_output_persists_so_dvc_never_deletes_the_last_result_before_a_stage_runs():
+    # Without persist, DVC deletes a stage's outputs before running it: a failure or Ctrl-C inside the
+    # stage then costs the last adapter, metrics and curves (the stages replace their outputs only at the end).
+    outputs = [(name, out) for name, stage in DVC.items() for kind in ("outs", "metrics", "plots")
+               for out in stage.get(kind, [])]
+    assert len(outputs) == 21
+    assert [(name, out) for name, out in outputs if not (isinstance(out, dict) and
+                                                          next(iter(out.values())).get("persist") is True)] == []
 
 
 def test_only_validate_depends_on_every_param():
@@ -149,11 +161,12 @@ def test_every_file_a_stage_reads_is_a_dependency_and_every_data_dep_is_read(rec
     own = _names(DVC[stage].get("outs", []) + DVC[stage].get("metrics", []) + DVC[stage].get("plots", []))
     # Named by params, not by dvc.yaml: hub ids in the shipped params.yaml, local folders in the smoke workspace.
     by_params = [params.data.source, params.model.name, params.model.base_16bit]
-    # train's own state: the checkpoints of an unfinished run (deliberately no output) and DVCLive's
-    # summary, which it deletes (stages/callbacks.py)
-    private = [str(paths.CHECKPOINT_DIR), str(paths.DVCLIVE_TRAIN_DIR / "metrics.json")] if stage == "train" else []
+    # train's own state: the checkpoints of an unfinished run (deliberately no output) and the curves
+    # so far, beside them (stages/callbacks.py)
+    private = [str(paths.CHECKPOINT_DIR)] if stage == "train" else []
     read = {f for f in recorded["files"].get(stage, set())
             if not (f.startswith(NOT_DATA) or f.endswith(".dvc") or Path(f).name in NOT_DATA_NAMES
+                    or Path(f).name.startswith(".publishing-")  # the journal of outputs being replaced
                     or _under(f, own + by_params + private))}
     assert {f for f in read if not _under(f, deps)} == set(), "read but not a dependency"
     data_deps = [d for d in deps if not d.startswith("stages/") and d not in ORDER_ONLY]
@@ -207,7 +220,7 @@ def test_outputs_in_dvc_yaml_match_stages_paths():
     assert outs("train", "outs") == {str(paths.ADAPTER_DIR), str(paths.TRAIN_INFO)}
     assert outs("train", "metrics") == {str(paths.TRAIN_METRICS), str(paths.TRAIN_COST)}
     assert not str(paths.CHECKPOINT_DIR).startswith(tuple(outs("train", "outs")))  # never a DVC output
-    assert outs("train", "plots") == {str(paths.DVCLIVE_TRAIN_DIR / "plots/metrics")}
+    assert outs("train", "plots") == {str(paths.TRAIN_CURVES)}
     assert outs("merge", "outs") == {str(paths.MERGED_DIR)}
     assert outs("evaluate_base", "metrics") == {str(paths.EVAL_BASE_METRICS), str(paths.EVAL_BASE_COST)}
     assert outs("evaluate_base", "outs") == {str(paths.BASE_PREDICTIONS), str(paths.EVAL_BASE_INFO)}

@@ -78,7 +78,7 @@ def test_two_processes_train_the_same_adapter_as_one(prepared, single, tmp_path)
     log = _train(workspace)
     assert "launching 2 processes, backend transformers" in log
     _assert_same_training(_results(workspace), single)
-    assert (workspace / paths.DVCLIVE_TRAIN_DIR / "plots/metrics/train/loss.tsv").exists()
+    assert (workspace / paths.TRAIN_CURVES / "train/loss.tsv").exists()
 
 
 def _free_port() -> int:

@@ -125,7 +125,7 @@ def test_a_rerun_that_reproduces_the_locked_outputs_keeps_their_cost(tmp_path, m
 
     _run(b"w1", 12.5)  # bit for bit the same result: the earlier measurement stays, bytes and all
     assert json.loads((tmp_path / "cost.json").read_text()) == {"runtime_s": 10.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cost.json", "dvc.lock", "train.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "cost.json", "dvc.lock", "models", "train.json"]
     # and the log says so, in one line: a cost file left as it was is no surprise
     [kept] = caplog.records
     assert kept.levelname == "INFO" and kept.getMessage().startswith("kept cost.json as dvc.lock records it")

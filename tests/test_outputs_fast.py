@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -179,19 +180,27 @@ def test_a_failure_inside_the_block_discards_every_staged_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_a_failed_publish_discards_what_was_not_renamed(tmp_path, monkeypatch):
+def test_a_failed_publish_puts_every_previous_version_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter/w").write_text("old weights")
+    (tmp_path / "a.json").write_text("old a")
     real = os.replace
 
-    def second_fails(src, dst):
-        if str(dst).endswith("b.json"):
+    def last_fails(src, dst):
+        if str(dst).endswith("c.json"):
             raise OSError(28, "No space left on device")
         real(src, dst)
 
-    monkeypatch.setattr(outputs.os, "replace", second_fails)
-    with pytest.raises(UserError), staged() as out:
-        out.json(tmp_path / "a.json", 1)
-        out.json(tmp_path / "b.json", 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    monkeypatch.setattr(outputs.os, "replace", last_fails)
+    with pytest.raises(UserError, match=r"^cannot write c.json: No space left on device"), staged() as out:
+        (out.dir(Path("adapter")) / "w").write_text("new weights")
+        out.text(Path("a.json"), "new a")
+        out.text(Path("b.json"), "new b")  # no earlier version: gone again
+        out.text(Path("c.json"), "new c")
+    assert (tmp_path / "adapter/w").read_text() == "old weights" and (tmp_path / "a.json").read_text() == "old a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "adapter", "models"]
+    assert list((tmp_path / "models").iterdir()) == []  # no journal left
 
 
 def test_discard_removes_staged_files_and_folders(tmp_path):
@@ -279,3 +288,104 @@ def test_without_a_measurement_dvc_lock_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs, "locked_hashes", unreadable)
     write_json(tmp_path / "eval.json", {"rougeL": 0.2})
     assert json.loads((tmp_path / "eval.json").read_text()) == {"rougeL": 0.2}
+
+
+# A stage's publication in a real process, stopped after its first rename by the test's own wrapper:
+# SIGKILL (nothing in the process runs), or its own Ctrl-C (SIGINT delivered in the middle).
+PUBLISH = """
+import os, signal, sys, time
+from pathlib import Path
+from stages import outputs
+
+how, real = sys.argv[1], os.replace
+renamed = []
+
+def replace(src, dst):
+    real(src, dst)
+    renamed.append(dst)
+    if len(renamed) == 2:  # adapter's old version moved aside and the new one in place; a.json not yet
+        if how == "kill":
+            Path("renamed").touch()
+            time.sleep(60)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+
+outputs.os.replace = replace
+try:
+    with outputs.staged() as out:
+        (out.dir(Path("adapter")) / "w").write_text("new weights")
+        out.text(Path("a.json"), "new a")
+        out.text(Path("b.json"), "new b")
+except KeyboardInterrupt:
+    print("interrupted after", len(renamed), "renames")
+    raise SystemExit(130)
+"""
+
+
+def _previous_result(workspace):
+    (workspace / "adapter").mkdir()
+    (workspace / "adapter/w").write_text("old weights")
+    (workspace / "a.json").write_text("old a")
+
+
+def _publishing_process(workspace, how):
+    import signal
+
+    return subprocess.Popen([sys.executable, "-c", PUBLISH, how], cwd=workspace, text=True, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_a_kill_while_outputs_are_replaced_is_rolled_back_by_the_next_write(tmp_path, monkeypatch, caplog):
+    import signal
+    import time
+
+    _previous_result(tmp_path)
+    process = _publishing_process(tmp_path, "kill")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "renamed").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (tmp_path / "adapter/w").read_text() == "new weights"  # killed half-way: a mix of two runs
+    assert (tmp_path / "a.json").read_text() == "old a"
+
+    monkeypatch.chdir(tmp_path)
+    check_writable(Path("adapter"))  # what every stage does first
+    assert (tmp_path / "adapter/w").read_text() == "old weights" and (tmp_path / "a.json").read_text() == "old a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "adapter", "models", "renamed"]
+    assert list((tmp_path / "models").iterdir()) == []
+    assert "put every previous version back (adapter, a.json, b.json)" in caplog.text
+
+
+def test_a_committed_publication_is_finished_by_the_next_write(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _previous_result(tmp_path)
+    with staged() as out:  # the new versions, staged by this process as a stage would
+        (out.dir(Path("adapter")) / "w").write_text("new weights")
+        out.text(Path("a.json"), "new a")
+        publication = outputs._Publication(out._pairs, pid=2**22 + 1)  # a pid no process has
+        publication.journal = Path(f"models/.publishing-{2**22 + 1}.json")
+        publication.moves = [(tmp, final, final.with_name(f".{final.name}.old-{2**22 + 1}"), True)
+                             for tmp, final, _, _ in publication.moves]
+        publication._write_journal()
+        for tmp, final, old, _ in publication.moves:
+            os.replace(final, old)
+            os.replace(tmp, final)
+        publication.commit_mark.touch()  # then killed before deleting the previous versions
+        out._pairs = []
+    remove_stale_temporaries(Path("a.json"))
+    assert (tmp_path / "adapter/w").read_text() == "new weights" and (tmp_path / "a.json").read_text() == "new a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "adapter", "models"]
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_ctrl_c_while_outputs_are_replaced_waits_until_all_are_in_place(tmp_path):
+    _previous_result(tmp_path)
+    process = _publishing_process(tmp_path, "interrupt")
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 130 and stdout.strip() == "interrupted after 5 renames"
+    assert [(tmp_path / name).read_text() for name in ("adapter/w", "a.json", "b.json")] == \
+        ["new weights", "new a", "new b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "adapter", "b.json", "models"]

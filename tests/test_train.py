@@ -16,7 +16,7 @@ from stages.prompt import IGNORE_INDEX, build_messages, encode
 
 
 def _loss_curve(name="train/loss"):
-    with open(paths.DVCLIVE_TRAIN_DIR / "plots/metrics" / f"{name}.tsv", encoding="utf-8") as handle:
+    with open(paths.TRAIN_CURVES / f"{name}.tsv", encoding="utf-8") as handle:
         return [(int(row["step"]), float(row[name.split("/")[-1]])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
