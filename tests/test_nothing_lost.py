@@ -1,0 +1,194 @@
+"""Nothing lost: whatever stops a stage that `dvc repro` started, every output is afterwards
+byte-identical to the committed result, or the complete new one, and a plain rerun recovers.
+
+Each case runs `dvc repro` as a user does, in a copy of a committed workspace, after the param change
+a user would make. The test's own sitecustomize (on PYTHONPATH, never the stage code) holds the
+stage at a chosen point: in a training step, or with every new output written and none yet in place
+(the worst moment to lose a week of GPU time). The signal then goes to the whole process group, as
+a terminal's Ctrl-C or a batch scheduler's SIGTERM does.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_params
+from stages.outputs import dvc_md5
+from tools.smoke import dvc_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = [next(iter(out)) if isinstance(out, dict) else out
+           for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values()
+           for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+
+HOLD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+
+    def hold():
+        Path(os.environ["HOLD_MARKER"]).touch()
+        time.sleep(300)
+
+    if f"stages.{os.environ.get('HOLD_STAGE')}" in sys.orig_argv:
+        where = os.environ["HOLD_WHERE"]
+        if where == "step":  # in the optimizer step after the first checkpoint (smoke: save_steps 8)
+            from transformers import Trainer
+            original_step = Trainer.training_step
+
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step >= 8:
+                    hold()
+                return original_step(self, *args, **kwargs)
+
+            Trainer.training_step = training_step
+        else:
+            from stages import outputs
+            if where == "publish":  # every new output written, none in place yet
+                original_publish = outputs.Staged.publish
+
+                def publish(self):
+                    hold()
+                    original_publish(self)
+
+                outputs.Staged.publish = publish
+            else:  # "renamed": four new outputs in place, the others not yet
+                original_replace, renamed = os.replace, []
+
+                def replace(src, dst):
+                    original_replace(src, dst)
+                    renamed.append(dst)
+                    if len(renamed) == 8:  # each output: its previous version aside, then the new one in
+                        hold()
+
+                outputs.os.replace = replace
+""")
+
+
+@pytest.fixture(scope="module")
+def committed(shared, pipeline_run):
+    """The tiny pipeline's result, recorded by DVC (`dvc commit`) and committed in git."""
+
+    def build(dest):
+        shutil.copytree(pipeline_run, dest, symlinks=True)
+        for command in ([sys.executable, "-m", "dvc", "commit", "-f", "-q"], ["git", "add", "-A"],
+                        ["git", "commit", "-q", "-m", "the result to keep"]):
+            subprocess.run(command, cwd=dest, check=True, capture_output=True, env=dvc_environment())
+
+    return shared("committed-run", build)
+
+
+@pytest.fixture
+def repo(committed, tmp_path):
+    dest = tmp_path / "ws"
+    shutil.copytree(committed, dest, symlinks=True)
+    return dest
+
+
+def hashes(repo: Path) -> dict[str, str | None]:
+    """Every output of every stage, and dvc.lock, as DVC hashes them (None: missing)."""
+    return {path: dvc_md5(repo / path) if (repo / path).exists() else None for path in [*OUTPUTS, "dvc.lock"]}
+
+
+def git_status(repo: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def stopped_repro(repo: Path, stage: str, where: str, sig: int, *args: str) -> subprocess.CompletedProcess:
+    """`dvc repro ARGS`, stopped by `sig` sent to its process group when `stage` reaches `where`."""
+    hooks, marker = repo.parent / "hooks", repo.parent / "held"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(HOLD, encoding="utf-8")
+    env = {**dvc_environment(), "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "HOLD_STAGE": stage,
+           "HOLD_WHERE": where, "HOLD_MARKER": str(marker)}
+    # A session of its own, as a terminal's foreground job; SIGINT's default action restored (a test
+    # runner started in the background passes it down as ignored).
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *args], cwd=repo, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{stage} never reached {where}:\n{process.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    os.killpg(process.pid, sig)
+    try:
+        output, _ = process.communicate(timeout=300)  # until the stage, which holds the pipe too, has ended
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"dvc repro did not end within 5 minutes of signal {sig}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+# (stage, the change a user made before `dvc repro`, where the stage is held)
+CASES = [
+    ("prepare", {"data.split_seed": 7}, "publish"),
+    ("train", {"lora.r": 8}, "step"),
+    ("merge", {"merge.dtype": "bfloat16"}, "publish"),
+    ("evaluate_base", {"eval.max_new_tokens": 12}, "publish"),
+    ("evaluate", {"eval.report_examples": 1}, "publish"),
+    ("plots", {"eval.decision_options": {"maybe": "불확실", "yes": "예", "no": "아니요"}}, "publish"),
+]
+LINES = {signal.SIGINT: "interrupted: no output was replaced", signal.SIGTERM: "terminated (SIGTERM): no output was replaced"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("stage, change, where", CASES, ids=[case[0] for case in CASES])
+def test_a_stopped_stage_leaves_every_output_as_it_was(repo, stage, change, where, sig):
+    before = hashes(repo)
+    assert None not in before.values()
+    write_params(repo, change)
+    # plots runs only after evaluate_base and evaluate, which its change reruns too: its own rerun alone
+    args = ("--single-item", "plots") if stage == "plots" else ()
+    result = stopped_repro(repo, stage, where, sig, *args)
+    assert result.returncode != 0
+    said = [line for line in result.stdout.splitlines() if line.startswith(("interrupted", "terminated", "error"))]
+    assert said == [LINES[sig] + said[0][len(LINES[sig]):]] and said[0].startswith(LINES[sig]), result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    assert hashes(repo) == before  # byte for byte, dvc.lock included
+    assert git_status(repo) == " M params.yaml\n"
+    assert not list((repo / "models").glob(".publishing-*")) and not list(repo.rglob(".*.tmp-*"))
+
+
+def test_a_kill_while_outputs_are_put_in_place_is_rolled_back_and_a_rerun_completes(repo):
+    before = hashes(repo)
+    write_params(repo, {"eval.report_examples": 1})
+    result = stopped_repro(repo, "evaluate", "renamed", signal.SIGKILL)
+    assert result.returncode == -signal.SIGKILL
+    mixed = hashes(repo)  # evaluate's report new (predictions and plot data are the same), its metrics old
+    assert mixed["metrics/report.md"] != before["metrics/report.md"]
+    assert mixed["metrics/eval.json"] == before["metrics/eval.json"] and mixed["dvc.lock"] == before["dvc.lock"]
+
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                           env=dvc_environment())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "put every previous version back" in rerun.stderr
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True,
+                            text=True, env=dvc_environment())
+    assert status.stdout.strip() == "{}"  # every output as the new dvc.lock records it
+    after = hashes(repo)
+    assert after["metrics/report.md"] != before["metrics/report.md"]  # the new result, whole
+    assert {path for path in OUTPUTS if after[path] != before[path]} <= {
+        "metrics/report.md", "metrics/info/evaluate.json", "metrics/cost/evaluate.json"}
+
+
+def test_sigterm_in_training_then_a_plain_rerun_resumes_and_finishes(repo):
+    write_params(repo, {"lora.r": 8})
+    result = stopped_repro(repo, "train", "step", signal.SIGTERM)
+    assert result.returncode != 0 and "terminated (SIGTERM): no output was replaced" in result.stdout
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                           env=dvc_environment())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from models/checkpoints/checkpoint-" in rerun.stderr
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True,
+                            text=True, env=dvc_environment())
+    assert status.stdout.strip() == "{}"
