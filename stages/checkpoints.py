@@ -134,7 +134,8 @@ def last_complete_checkpoint(root: Path = paths.CHECKPOINT_DIR) -> Path | None:
         else:
             resumable = folder
             break
-    instead = f"resuming from {resumable.name}" if resumable else "no complete checkpoint left: training starts from step 0"
+    instead = f"resuming from {resumable.name}" if resumable else \
+        "no complete checkpoint left: training starts from step 0"
     for folder, why in skipped:
         log.warning("skipping %s: %s; %s", folder, why, instead)
     return resumable
