@@ -6,7 +6,9 @@ unfinished: the train stage deletes them once its outputs are written, so a fini
 leaves a state to "resume". A rerun resumes only when everything that decides the result is the
 same as in the interrupted run (the fingerprint: params, prepared data, the train stage's code
 and the library versions), and only from a checkpoint the Trainer finished saving (marked by
-`mark_complete` after the save); a partial one, left by a kill during the save, is skipped.
+`mark_complete` after the save); a partial one, left by a kill during the save, is skipped,
+and so is one whose files no longer load (cut short by a full disk, damaged by a copy): it is
+removed, and the run resumes from the one before it or starts from step 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -68,17 +71,74 @@ def mark_complete(checkpoint_dir: Path, step: int) -> None:
     (Path(checkpoint_dir) / COMPLETE_MARK).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
 
 
+def _load_problem(path: Path) -> str | None:
+    """Why the Trainer could not read this checkpoint file as it reads it on resume, or None."""
+    import torch
+    from safetensors import safe_open
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as weights:  # checks the header against the file's size
+                weights.keys()
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory at the end
+            return f"{path.name} does not load (not a whole torch file: cut short or overwritten)"
+        else:
+            with safe_globals():  # the numpy types of rng_state.pth, as the Trainer allows them
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever the reason, the Trainer would stop on it: report it, skip the checkpoint
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        return f"{path.name} does not load ({reason.removeprefix('Error while deserializing header: ')})"
+    return None
+
+
+def unloadable(folder: Path) -> str | None:
+    """Why resuming from `folder` would fail or differ, or None when everything the Trainer reads loads.
+
+    The Trainer reads the adapter weights, optimizer.pt, scheduler.pt, rng_state*.pth and
+    trainer_state.json (training_args.bin, a pickle of arbitrary objects, it never reads back).
+    A missing optimizer or scheduler state would not fail: the run would silently differ.
+    """
+    folder = Path(folder)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    if not any(folder.glob("*.safetensors")):
+        return "its weights (*.safetensors) are missing"
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.json"), *folder.glob("*.pt"),
+                    *folder.glob("rng_state*.pth")])
+    return next((problem for problem in map(_load_problem, files) if problem), None)
+
+
 def last_complete_checkpoint(root: Path = paths.CHECKPOINT_DIR) -> Path | None:
+    """The newest checkpoint the Trainer finished saving and can load; unloadable ones are removed.
+
+    One warning per checkpoint skipped, saying why and what the run does instead.
+    """
     found = []
     for folder in Path(root).glob("checkpoint-*"):
         match = _CHECKPOINT.match(folder.name)
         if match and folder.is_dir():
             found.append((int(match.group(1)), folder))
+    skipped, resumable = [], None
     for step, folder in sorted(found, reverse=True):
-        if (folder / COMPLETE_MARK).exists() and (folder / "trainer_state.json").exists():
-            return folder
-        log.warning("skipping %s: its save did not finish (the run was stopped while writing it)", folder)
-    return None
+        if not ((folder / COMPLETE_MARK).exists() and (folder / "trainer_state.json").exists()):
+            skipped.append((folder, "its save did not finish (the run was stopped while writing it)"))
+        elif problem := unloadable(folder):
+            # Removed, not kept: the Trainer saves that step into the same folder again, where a
+            # stale complete mark would vouch for a save that a kill left half done.
+            shutil.rmtree(folder)
+            skipped.append((folder, f"{problem}; removed it"))
+        else:
+            resumable = folder
+            break
+    instead = f"resuming from {resumable.name}" if resumable else \
+        "no complete checkpoint left: training starts from step 0"
+    for folder, why in skipped:
+        log.warning("skipping %s: %s; %s", folder, why, instead)
+    return resumable
 
 
 def checkpoint_to_resume(fingerprint: str) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from stages import paths
 from stages.decision import check_same_chat, choose, decision_summary, option_examples, reference_label
-from stages.errors import UserError, progress_bars
+from stages.errors import UserError, gpu_memory_advice, progress_bars
 from stages.outputs import read_jsonl
 from stages.prompt import IGNORE_INDEX, encode, tokenize_example
 from stages.rouge import RougeScorer, mean_scores
@@ -242,8 +242,24 @@ class Evaluation:
     predictions: list[dict]  # one record per test row
 
 
+def out_of_memory_advice(eval_params) -> str:
+    """What to change when evaluation (evaluate or evaluate_base) runs out of GPU memory."""
+    size = eval_params.batch_size
+    smaller = f"-S eval.batch_size={max(1, size // 2)}" if size != "auto" else (
+        "a fixed -S eval.batch_size=4 (auto sizes batches to the memory free when it starts, which another "
+        "process may take)")
+    return (f"out of GPU memory evaluating at eval.batch_size = {size} and eval.max_new_tokens = "
+            f"{eval_params.max_new_tokens}: try {smaller}, or a smaller -S eval.max_new_tokens (each answer "
+            "being written holds that many tokens of cache)")
+
+
 def evaluate_model(model, tokenizer, params) -> Evaluation:
     """Answer loss on validation and test; decisions, answers and ROUGE on test."""
+    with gpu_memory_advice(lambda: out_of_memory_advice(params.eval)):
+        return _evaluate(model, tokenizer, params)
+
+
+def _evaluate(model, tokenizer, params) -> Evaluation:
     eval_params, seconds = params.eval, {}
     validation, test = read_split("validation"), read_split("test")
     started = time.perf_counter()

@@ -17,7 +17,7 @@ import time
 
 from stages import paths
 from stages.cli import no_arguments
-from stages.errors import UserError, stage_entrypoint
+from stages.errors import UserError, gpu_memory_advice, stage_entrypoint, writing
 from stages.modeling import load_errors
 from stages.outputs import atomic_dir, check_writable, remove_stale_temporaries
 from stages.params import load_params
@@ -60,12 +60,21 @@ def check_resources(needed: int, device: str) -> None:
             f"{available / GIB:.1f} GiB is available; close other programs or merge on a larger machine"
         )
     paths.MERGED_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # The new copy is written beside the previous models/merged, which stays until it is complete.
     free_disk = shutil.disk_usage(paths.MERGED_DIR.parent).free
     if free_disk < needed * HEADROOM:
         raise UserError(
-            f"merge writes about {needed / GIB:.1f} GiB to {paths.MERGED_DIR}, only {free_disk / GIB:.1f} GiB "
-            "of disk is free there; free some space (e.g. `dvc gc -w`) and rerun"
+            f"merge writes a new {paths.MERGED_DIR} of about {needed / GIB:.1f} GiB beside the previous one and "
+            f"needs {needed * HEADROOM / GIB:.1f} GiB free, only {free_disk / GIB:.1f} GiB of disk is free there; "
+            "free some space (e.g. `dvc gc -w`) and rerun"
         )
+
+
+def out_of_memory_advice(dtype: str) -> str:
+    halve = "-S merge.dtype=bfloat16 (half of float32's memory), or " if dtype == "float32" else ""
+    return (f"out of GPU memory merging in {dtype}, though the GPU had room when merge started (another "
+            f"process took it since?): try {halve}free the GPU, or merge on the CPU: "
+            "CUDA_VISIBLE_DEVICES= dvc repro merge")
 
 
 def merged_model(base: str, dtype, device: str = "cpu"):
@@ -97,10 +106,11 @@ def main() -> None:
     check_resources(needed, device)
     log.info("merging %s into %s (%s, %.1f GiB, on the %s)", paths.ADAPTER_DIR, base, params.merge.dtype,
              needed / GIB, "GPU" if device == "cuda" else "CPU")
-    model = merged_model(base, dtype, device)
+    with gpu_memory_advice(lambda: out_of_memory_advice(params.merge.dtype)):
+        model = merged_model(base, dtype, device)
     # The adapter folder holds the tokenizer used in training, chat template included.
     tokenizer = AutoTokenizer.from_pretrained(paths.ADAPTER_DIR)
-    with atomic_dir(paths.MERGED_DIR) as out_dir:
+    with writing(paths.MERGED_DIR, needed), atomic_dir(paths.MERGED_DIR) as out_dir:
         model.save_pretrained(out_dir, max_shard_size="5GB")
         tokenizer.save_pretrained(out_dir)
     log.info("wrote %s in %.1fs", paths.MERGED_DIR, time.perf_counter() - started)

@@ -18,8 +18,8 @@ import sys
 
 import yaml
 
-from stages import cli, paths
-from stages.errors import UserError, stage_entrypoint
+from stages import cli, dvclock, paths
+from stages.errors import UserError, gpu_memory_advice, stage_entrypoint
 from stages.evaluation import stop_token_ids
 from stages.modeling import load_for_inference, load_tokenizer
 from stages.params import load_params
@@ -74,7 +74,9 @@ def _stale(stage: str, outputs_only: bool) -> bool:
 
     try:
         with Repo(".") as repo:
-            changes = repo.status(targets=[stage]).get(stage, [])
+            status = dvclock.when_free(lambda: repo.status(targets=[stage]),
+                                       f"predict needs it to check {stage}'s outputs against dvc.lock")
+            changes = status.get(stage, [])
     except NotDvcRepoError:
         return False
     return any(isinstance(c, dict) and ("changed outs" in c or not outputs_only) for c in changes)
@@ -127,6 +129,11 @@ def prompt_ids(tokenizer, params, question: str, contexts: list[str], max_new_to
             "or pass a smaller --max-new-tokens"
         )
     return ids
+
+
+def out_of_memory_advice(max_new_tokens: int) -> str:
+    return (f"out of GPU memory answering with --max-new-tokens {max_new_tokens}: pass a smaller "
+            "--max-new-tokens (the answer's cache grows with it) or a shorter --context, or free the GPU")
 
 
 def say_empty(new_tokens: int) -> None:
@@ -203,7 +210,7 @@ def main(argv=None) -> None:
     model = load_answering_model(args.adapter, params.model.base_16bit)
     import torch
 
-    with torch.inference_mode():
+    with torch.inference_mode(), gpu_memory_advice(lambda: out_of_memory_advice(max_new_tokens)):
         answer(model, tokenizer, ids, max_new_tokens)
 
 

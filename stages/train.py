@@ -20,7 +20,7 @@ import shutil
 
 from stages import checkpoints, launch, paths
 from stages.cli import no_arguments
-from stages.errors import UserError, progress_bars, stage_entrypoint
+from stages.errors import UserError, gpu_memory_advice, progress_bars, stage_entrypoint, writing
 from stages.modeling import choose_backend, cuda_available, load_for_training
 from stages.outputs import check_writable, read_jsonl, staged
 from stages.params import load_params
@@ -174,10 +174,9 @@ def main() -> None:
     log.info("training %d rows (validation %d), effective batch %d = %d per device x %d accumulation x %d "
              "processes, backend %s", len(train_set), len(eval_set), effective_batch,
              train.per_device_train_batch_size, train.gradient_accumulation_steps, processes, backend)
-    try:
+    with gpu_memory_advice(lambda: out_of_memory_advice(train, params.model.max_seq_length)), \
+            writing(paths.CHECKPOINT_DIR):  # the checkpoints' optimizer state: the stage's largest writes
         trainer.train(resume_from_checkpoint=resume_from)
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(out_of_memory_advice(train, params.model.max_seq_length)) from None
     state = trainer.state
     if not any("eval_loss" in e and e["step"] == state.global_step for e in state.log_history):
         trainer.evaluate()  # the last step was not an eval step: measure the final model too

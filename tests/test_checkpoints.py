@@ -28,8 +28,18 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def _checkpoint(step: int, complete: bool = True, state: bool = True) -> Path:
+    """A checkpoint folder with small files of the kinds the Trainer writes and reads back on resume."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
     folder = paths.CHECKPOINT_DIR / f"checkpoint-{step}"
     folder.mkdir(parents=True)
+    save_file({"lora_A": torch.zeros(2, 2)}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text("{}")
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    torch.save({"numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
     if state:
         (folder / "trainer_state.json").write_text("{}")
     if complete:
@@ -91,8 +101,8 @@ def test_the_last_complete_checkpoint_in_step_order(project, caplog):
     with caplog.at_level("WARNING", logger="stages.train"):
         assert checkpoints.last_complete_checkpoint() == paths.CHECKPOINT_DIR / "checkpoint-10"
     assert caplog.messages == [
-        f"skipping models/checkpoints/checkpoint-{step}: its save did not finish (the run was stopped while writing it)"
-        for step in (12, 11)]
+        f"skipping models/checkpoints/checkpoint-{step}: its save did not finish (the run was stopped while writing "
+        "it); resuming from checkpoint-10" for step in (12, 11)]
     assert json.loads((paths.CHECKPOINT_DIR / "checkpoint-10" / checkpoints.COMPLETE_MARK).read_text()) == {"step": 10}
     assert checkpoints.last_complete_checkpoint(project / "nowhere") is None
 
@@ -125,3 +135,31 @@ def test_clear_removes_everything_and_tolerates_nothing_there(project):
     checkpoints.clear()
     assert not paths.CHECKPOINT_DIR.exists()
     checkpoints.clear()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}"),
+     "adapter_model.safetensors does not load (invalid header length)"),
+    (lambda f: (f / "optimizer.pt").write_bytes((f / "optimizer.pt").read_bytes()[:100]),
+     "optimizer.pt does not load (not a whole torch file: cut short or overwritten)"),
+    (lambda f: (f / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+    (lambda f: (f / "trainer_state.json").write_text('{"global_step": '),
+     "trainer_state.json does not load (Expecting value: line 1 column 17 (char 16))"),
+], ids=["weights", "optimizer", "scheduler-missing", "trainer-state"])
+def test_a_checkpoint_that_does_not_load_is_removed_for_the_one_before(project, caplog, damage, reason):
+    _checkpoint(2), damage(_checkpoint(4))
+    with caplog.at_level("WARNING", logger="stages.train"):
+        assert checkpoints.last_complete_checkpoint() == paths.CHECKPOINT_DIR / "checkpoint-2"
+    assert caplog.messages == [f"skipping models/checkpoints/checkpoint-4: {reason}; removed it; resuming from checkpoint-2"]
+    assert not (paths.CHECKPOINT_DIR / "checkpoint-4").exists()  # a later save there starts with no stale mark
+
+
+def test_with_no_checkpoint_that_loads_training_starts_from_step_zero(project, caplog):
+    checkpoints.checkpoint_to_resume("a")
+    (_checkpoint(2) / "rng_state.pth").write_bytes(b"")
+    with caplog.at_level("INFO", logger="stages.train"):
+        assert checkpoints.checkpoint_to_resume("a") is None
+    assert caplog.messages == ["skipping models/checkpoints/checkpoint-2: rng_state.pth does not load (not a whole "
+                               "torch file: cut short or overwritten); removed it; no complete checkpoint left: "
+                               "training starts from step 0"]
+    assert sorted(p.name for p in paths.CHECKPOINT_DIR.iterdir()) == [checkpoints.FINGERPRINT_FILE]

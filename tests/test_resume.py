@@ -10,6 +10,7 @@ lands there.
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,15 +255,67 @@ def test_a_finished_run_leaves_nothing_to_resume(workspace, caplog):
     assert_same_outputs(outputs(), first)
 
 
-def test_a_checkpoint_without_its_complete_mark_is_never_resumed(tmp_path):
-    root = tmp_path / "checkpoints"
-    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
-        folder = root / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        (folder / "trainer_state.json").write_text("{}")
-        if complete:
-            checkpoints.mark_complete(folder, step)
-    (root / "checkpoint-x").mkdir()
-    assert checkpoints.last_complete_checkpoint(root) == root / "checkpoint-4"  # numeric order, not text
-    (root / "checkpoint-4" / "trainer_state.json").unlink()
-    assert checkpoints.last_complete_checkpoint(root) == root / "checkpoint-2"
+@pytest.fixture(scope="module")
+def interrupted(smoke_template, tmp_path_factory) -> Path:
+    """A workspace whose train run crashed after checkpoint-4: checkpoint-2 and -4 complete, as the
+    Trainer wrote them."""
+    dest = tmp_path_factory.mktemp("interrupted") / "ws"
+    shutil.copytree(smoke_template, dest, symlinks=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(dest)
+        write_params(dest, RESUME_PARAMS)
+        prepare.main()
+        _leave_interrupted_checkpoints(patch)
+    return dest
+
+
+def _interrupted_copy(interrupted: Path, tmp_path: Path, monkeypatch) -> Path:
+    dest = tmp_path / "ws"
+    shutil.copytree(interrupted, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
+def _cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # what a kill or a full disk leaves of a file being written
+
+
+RESUME_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+@pytest.mark.parametrize("name", RESUME_FILES)
+def test_each_file_the_trainer_resumes_from_is_checked(interrupted, tmp_path, monkeypatch, name):
+    _interrupted_copy(interrupted, tmp_path, monkeypatch)
+    damaged, previous = paths.CHECKPOINT_DIR / "checkpoint-4", paths.CHECKPOINT_DIR / "checkpoint-2"
+    assert checkpoints.unloadable(damaged) is None and checkpoints.unloadable(previous) is None
+    _cut_short(damaged / name)
+    assert checkpoints.unloadable(damaged).startswith(f"{name} does not load (")
+    assert checkpoints.last_complete_checkpoint() == previous
+
+
+@pytest.mark.parametrize("damaged, resumes_from", [
+    (["checkpoint-4/adapter_model.safetensors"], "checkpoint-2"),  # the issue's case: every rerun failed
+    (["checkpoint-4/optimizer.pt", "checkpoint-2/trainer_state.json"], None),  # none loads: step 0
+], ids=["previous-checkpoint", "from-step-zero"])
+def test_a_damaged_checkpoint_never_blocks_the_rerun(interrupted, reference, tmp_path, monkeypatch, caplog,
+                                                     damaged, resumes_from):
+    _interrupted_copy(interrupted, tmp_path, monkeypatch)
+    for name in damaged:
+        _cut_short(paths.CHECKPOINT_DIR / name)
+    with caplog.at_level("INFO", logger="stages.train"):
+        train.main()
+    skipped = [m for m in caplog.messages if m.startswith("skipping ")]
+    instead = f"resuming from {resumes_from}" if resumes_from else \
+        "no complete checkpoint left: training starts from step 0"
+    assert len(skipped) == len(damaged)
+    for message, name in zip(skipped, damaged):  # newest first, one line each
+        folder, file = name.split("/")
+        assert message.startswith(f"skipping models/checkpoints/{folder}: {file} does not load ("), message
+        assert message.endswith(f"); removed it; {instead}"), message
+    if resumes_from:
+        assert f"resuming from models/checkpoints/{resumes_from}" in caplog.text
+    else:
+        assert "step 1/6  loss" in caplog.text and "resuming from models" not in caplog.text
+    assert_same_outputs(outputs(), reference)
+    assert not paths.CHECKPOINT_DIR.exists()
