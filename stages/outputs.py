@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stages import paths
-from stages.errors import UserError, note_outputs_replaced
+from stages.errors import UserError, as_user_error, note_outputs_replaced
 
 log = logging.getLogger("stages.outputs")
 _TAGS = ("tmp", "old")
@@ -76,7 +76,9 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
 
 
 def _write_error(path: Path, exc: OSError) -> UserError:
-    return UserError(f"cannot write {path}: {exc.strerror or exc}; check that folder's permissions and free disk space")
+    """A full disk says how much is free there (as_user_error); anything else names the path and the reason."""
+    return as_user_error(exc, path) or UserError(
+        f"cannot write {path}: {exc.strerror or exc}; check that folder's permissions and free disk space")
 
 
 def check_writable(*finals: Path) -> None:

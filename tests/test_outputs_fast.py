@@ -90,7 +90,7 @@ def test_a_failed_text_write_is_one_line(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(outputs.Path, "write_text", full)
-    with pytest.raises(UserError, match=r"^cannot write .*report.md: No space left on device; check"):
+    with pytest.raises(UserError, match=r"^cannot write .*report.md: no space left on the disk; [\d.]+ \w+ is free on "):
         write_text(tmp_path / "report.md", "text")
 
 
@@ -193,7 +193,7 @@ def test_a_failed_publish_puts_every_previous_version_back(tmp_path, monkeypatch
         real(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", last_fails)
-    with pytest.raises(UserError, match=r"^cannot write c.json: No space left on device"), staged() as out:
+    with pytest.raises(UserError, match=r"^cannot write c.json: no space left on the disk"), staged() as out:
         (out.dir(Path("adapter")) / "w").write_text("new weights")
         out.text(Path("a.json"), "new a")
         out.text(Path("b.json"), "new b")  # no earlier version: gone again
