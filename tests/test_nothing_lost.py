@@ -39,7 +39,11 @@ HOLD = textwrap.dedent("""
 
     if f"stages.{os.environ.get('HOLD_STAGE')}" in sys.orig_argv:
         where = os.environ["HOLD_WHERE"]
-        if where.startswith("step-"):  # in the optimizer step after step-N
+        if where.startswith("fsize-"):  # no hold: `ulimit -f` for this stage alone (DVC's own index needs more)
+            import resource
+            limit = int(where.removeprefix("fsize-"))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        elif where.startswith("step-"):  # in the optimizer step after step-N
             from transformers import Trainer
             original_step, after = Trainer.training_step, int(where.removeprefix("step-"))
 
@@ -105,13 +109,19 @@ def git_status(repo: Path) -> str:
                           text=True).stdout
 
 
-def stopped_repro(repo: Path, stage: str, where: str, sig: int, *args: str) -> subprocess.CompletedProcess:
-    """`dvc repro ARGS`, stopped by `sig` sent to its process group when `stage` reaches `where`."""
-    hooks, marker = repo.parent / "hooks", repo.parent / "held"
+def hooked(repo: Path, stage: str, where: str) -> dict:
+    """The environment for a `dvc repro` whose `stage` the test's sitecustomize holds at `where`."""
+    hooks = repo.parent / "hooks"
     hooks.mkdir(exist_ok=True)
     (hooks / "sitecustomize.py").write_text(HOLD, encoding="utf-8")
-    env = {**dvc_environment(), "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "HOLD_STAGE": stage,
-           "HOLD_WHERE": where, "HOLD_MARKER": str(marker)}
+    return {**dvc_environment(), "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "HOLD_STAGE": stage,
+            "HOLD_WHERE": where, "HOLD_MARKER": str(repo.parent / "held")}
+
+
+def stopped_repro(repo: Path, stage: str, where: str, sig: int, *args: str) -> subprocess.CompletedProcess:
+    """`dvc repro ARGS`, stopped by `sig` sent to its process group when `stage` reaches `where`."""
+    env = hooked(repo, stage, where)
+    marker = Path(env["HOLD_MARKER"])
     # A session of its own, as a terminal's foreground job; SIGINT's default action restored (a test
     # runner started in the background passes it down as ignored).
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *args], cwd=repo, env=env, text=True,
@@ -195,3 +205,19 @@ def test_sigterm_in_training_then_a_rerun_resumes_and_finishes(repo):
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "train"], cwd=repo,
                             capture_output=True, text=True, env=dvc_environment())
     assert status.stdout.strip() == "{}"
+
+
+def test_a_full_disk_in_merge_is_one_line_and_leaves_every_output(repo):
+    """`ulimit -f` (a batch system's file-size limit; the same errors as a full disk) below the size of
+    the merged weights: merge fails while writing them, in one line, after DVC had started the stage."""
+    before = hashes(repo)
+    write_params(repo, {"merge.dtype": "bfloat16"})
+    limit = (repo / "models/merged/model.safetensors").stat().st_size // 4  # the bfloat16 weights are half
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "merge"], cwd=repo, text=True,
+                            capture_output=True, env=hooked(repo, "merge", f"fsize-{limit}"))
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].startswith("error: cannot write models/merged (about "), result.stderr[-3000:]
+    assert "a file grew past the largest size allowed" in said[0] and "Traceback" not in result.stderr
+    assert hashes(repo) == before
+    assert not list((repo / "models").glob(".*-*"))  # no temporary folder, no journal
