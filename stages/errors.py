@@ -206,6 +206,8 @@ def stage_entrypoint(main: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(main)
     def run(*args, **kwargs):
+        global _outputs_replaced
+        _outputs_replaced = False
         setup_logging()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)

@@ -389,3 +389,24 @@ def test_ctrl_c_while_outputs_are_replaced_waits_until_all_are_in_place(tmp_path
     assert [(tmp_path / name).read_text() for name in ("adapter/w", "a.json", "b.json")] == \
         ["new weights", "new a", "new b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "adapter", "b.json", "models"]
+
+
+@pytest.mark.parametrize("sig, code, start", [(None, 130, "interrupted"), ("TERM", 143, "terminated (SIGTERM)")])
+def test_a_stop_after_the_outputs_are_in_place_says_to_record_them(tmp_path, monkeypatch, capsys, sig, code, start):
+    from stages.errors import Terminated, stage_entrypoint
+
+    monkeypatch.chdir(tmp_path)
+
+    @stage_entrypoint
+    def stage(publish_first: bool):
+        if publish_first:
+            write_text(Path("a.txt"), "new")
+        raise Terminated() if sig else KeyboardInterrupt()
+
+    for publish_first, rest in ((True, " after this stage had written its new outputs, complete, which dvc.lock "
+                                       "does not record yet: run `dvc commit`"),
+                                (False, ": no output was replaced; rerun `dvc repro`")):
+        with pytest.raises(SystemExit) as stopped:
+            stage(publish_first)
+        assert stopped.value.code == code
+        assert capsys.readouterr().err.startswith(start + rest)
