@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import launch
+from stages import launch, paths
 from stages.errors import UserError
 from stages.modeling import check_can_load, choose_backend, cuda_available, is_hub_id, load_errors
+from stages.outputs import check_writable
 
 
 def check_machine(params) -> None:
@@ -103,3 +104,15 @@ def check_batch_sizes(params, n_train: int, n_rows: int) -> None:
         if isinstance(value, int) and value > rows:
             raise UserError(f"{param} = {value}: more than {which} {rows} rows; a batch can never be fuller, "
                             f"set -S {param}={rows} or lower")
+
+
+def check_outputs_writable() -> None:
+    """Every output dvc.yaml declares can be written (its folder made, a file created there), so an
+    unwritable metrics/cost/ is found now, not by the stage that writes it after DVC deleted the rest."""
+    if not paths.DVC_YAML.is_file():  # run outside a DVC project (python -m stages.validate in a copy)
+        return
+    import yaml
+
+    stages = yaml.safe_load(paths.DVC_YAML.read_text(encoding="utf-8"))["stages"]
+    declared = [out for stage in stages.values() for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+    check_writable(*(Path(next(iter(out)) if isinstance(out, dict) else out) for out in declared))

@@ -38,6 +38,7 @@ def main() -> None:
     configs = preflight.model_configs(params)
     preflight.check_model_limits(params, configs)
     preflight.check_machine(params)
+    preflight.check_outputs_writable()
     log.info("params.yaml is valid; %s has %d rows, %d usable: train/validation/test at most %d/%d/%d",
              data.source, len(records), len(rows), n_train, n_val, n_test)
     if not paths.VALIDATED.exists() or paths.VALIDATED.read_text(encoding="utf-8") != VALIDATED_TEXT:

@@ -163,6 +163,8 @@ MISTAKES = [
      "error: data.source = https://example.com/data.json: URLs are not read; download the file first"),
     ("source-is-a-symlink-loop", _symlink_loop, {"data.source": "data/loop.json"}, validate,
      "error: data.source = data/loop.json: a symlink loop"),
+    ("cost-folder-unwritable", _write("metrics/cost", "a file where a folder belongs"), {}, validate,
+     "error: cannot write metrics/cost/train.json: File exists; check that folder's permissions and free disk space"),
 ]
 
 
