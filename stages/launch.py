@@ -48,6 +48,10 @@ def machines(num_processes: int, config_file: str | None) -> int:
         config = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))  # YAML or JSON, as accelerate reads
     except yaml.YAMLError as exc:
         raise UserError(f"{where}: not a valid accelerate config ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not a text file (not UTF-8); point it at an accelerate config (YAML)") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror})") from None
     count = config.get("num_machines", 1) if isinstance(config, dict) else None
     if not isinstance(count, int) or count < 1:
         raise UserError(f"{where}: not an accelerate config file (no whole num_machines >= 1 in it)")
@@ -55,6 +59,14 @@ def machines(num_processes: int, config_file: str | None) -> int:
         raise UserError(f"{where} spreads training over {count} machine(s), but train.num_processes = "
                         f"{num_processes}: set it to the processes of all machines together, a multiple of "
                         f"{count} and at least 2")
+    # What accelerate needs to join several machines (its launch reads them; a missing one is a
+    # traceback there, after DVC has started the stage); the port may be left to its default.
+    rank, address = config.get("machine_rank"), config.get("main_process_ip")
+    if count > 1 and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < count):
+        raise UserError(f"{where}: machine_rank = {rank}: give this machine's rank, a whole number from 0 to "
+                        f"{count - 1} (num_machines = {count})")
+    if count > 1 and not (isinstance(address, str) and address.strip()):
+        raise UserError(f"{where}: no main_process_ip: give the address of the machine of rank 0")
     return count
 
 

@@ -120,9 +120,12 @@ def choose_backend(requested: str) -> str:
 
 def check_can_load(model_params) -> None:
     if model_params.load_in_4bit and not cuda_available():
+        # The shipped model.name holds weights quantized already, which need CUDA too: name 16-bit ones.
+        weights = f" -S model.name={model_params.base_16bit}" if model_params.name != model_params.base_16bit else ""
         raise UserError(
-            "model.load_in_4bit = true needs a CUDA GPU (bitsandbytes NF4); this machine has none. "
-            "To see the pipeline work on a CPU, run `make smoke` (a tiny model, no GPU)"
+            "model.load_in_4bit = true needs a CUDA GPU (bitsandbytes NF4); this machine has none. On a CPU "
+            f"set -S model.load_in_4bit=false{weights} (full precision: an 8B model then needs ~32 GB of memory), "
+            "or run `make smoke` to see the pipeline work (a tiny model, no GPU)"
         )
 
 

@@ -10,6 +10,7 @@ other code-only setting.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -51,15 +52,28 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-def _not_a_bool(value):
+def _a_number(value):
     # YAML's true/false would otherwise pass as 1/0 (`val_size: true` = one row).
     if isinstance(value, bool):
         raise ValueError("expected a number, not true/false")
+    # YAML's .nan / .inf (or "nan" as text) would otherwise fail a bound with a misleading reason
+    # ("should be less than 1"), or pass one (inf > 0): checked before the bounds.
+    if isinstance(value, (int, float, str)):
+        try:
+            finite = math.isfinite(float(value))
+        except (ValueError, OverflowError):  # not a number at all (pydantic says so), or a huge int
+            finite = True
+        if not finite:
+            raise ValueError("not a finite number")
     return value
 
 
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
-Float = Annotated[float, BeforeValidator(_not_a_bool)]
+Int = Annotated[int, BeforeValidator(_a_number)]
+Float = Annotated[float, BeforeValidator(_a_number)]
+# The longest context of any model this recipe targets (Llama 3.1: 128k positions). A ceiling for
+# values that count tokens, so that a slip such as 1000000000 never reaches an allocation; the
+# model's own limit (its config's max_position_embeddings) is checked by stages/preflight.py.
+MAX_TOKENS = 131072
 
 
 def _one_of(choices: tuple[str, ...], what: str):
@@ -105,7 +119,7 @@ class DataParams(_Section):
 class ModelParams(_Section):
     name: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", min_length=1)
     base_16bit: str = Field("unsloth/Meta-Llama-3.1-8B-Instruct", min_length=1)
-    max_seq_length: Int = Field(2048, ge=64, le=131072)
+    max_seq_length: Int = Field(2048, ge=64, le=MAX_TOKENS)
     load_in_4bit: bool = True
     backend: Literal["auto", "unsloth", "transformers"] = "auto"
 
@@ -161,7 +175,7 @@ class MergeParams(_Section):
 class EvalParams(_Section):
     # "auto": as many answers at once as free GPU memory holds (stages/evaluation.py); a number: that many.
     batch_size: Union[Literal["auto"], Annotated[Int, Field(gt=0)]] = "auto"
-    max_new_tokens: Int = Field(256, gt=0)
+    max_new_tokens: Int = Field(256, gt=0, le=MAX_TOKENS)
     do_sample: bool = False
     decoder: Literal["fast", "generate"] = "fast"
     temperature: Float = Field(0.7, gt=0)
@@ -250,12 +264,40 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise UserError(f"{source}: {problems}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML would keep the last one
+    silently, so `r: 16` and, further down, `r: 8` would train at 8 with 16 in plain sight."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _refuse_duplicate_keys(node, "")
+        return node
+
+
+def _refuse_duplicate_keys(node, where: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key_node, value_node in node.value:
+            key = f"{where}.{key_node.value}" if where else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise UserError(f"{key} is set twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+            _refuse_duplicate_keys(value_node, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{where}[{index}]")
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run from the project root, where params.yaml is") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from None
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
     return parse_params(raw, str(path))

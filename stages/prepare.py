@@ -88,7 +88,7 @@ def main() -> None:
             prepared.append(fitted)
     if not prepared:
         raise UserError(f"no row fits model.max_seq_length = {params.model.max_seq_length} tokens")
-    splits = split_rows(prepared, data_params.val_size, data_params.test_size, data_params.split_seed)
+    splits = split_rows(prepared, data_params.val_size, data_params.test_size, data_params.split_seed, dropped)
 
     stats = {name: token_stats(members) for name, members in splits.items()}
     summary = {

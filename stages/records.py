@@ -6,9 +6,11 @@ Pure functions on lists of dicts, used by stages/prepare.py and tested on their 
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import json
 import math
+import os
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,6 +34,9 @@ def is_local_source(source: str) -> bool:
 
 def read_records(source: str, split: str, revision: str | None) -> list[dict]:
     """Rows of `source`: a local .json/.jsonl/.parquet/.csv file, or a hub dataset id."""
+    if "://" in source:  # as a path, https://x/y.json would become https:/x/y.json and "not exist"
+        raise UserError(f"data.source = {source}: URLs are not read; download the file first (e.g. "
+                        f"curl -L -o data/mine.json '{source}') and set data.source to its path")
     if is_local_source(source):
         return _read_local(Path(source).expanduser())
     return _read_hub(source, split, revision)
@@ -77,7 +82,7 @@ def _read_local(path: Path) -> list[dict]:
     if path.is_dir():
         raise UserError(f"data.source = {path}: is a folder; point it at a {', '.join(LOCAL_SUFFIXES)} file")
     if not path.exists():
-        raise UserError(f"data.source = {path}: no such file or folder")
+        raise UserError(f"data.source = {path}: {_why_missing(path)}")
     if path.suffix not in LOCAL_SUFFIXES:
         raise UserError(f"data.source = {path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
     try:
@@ -96,6 +101,18 @@ def _read_local(path: Path) -> list[dict]:
         ) from None
     except (OSError, ValueError) as exc:  # unreadable file or malformed JSON/CSV/parquet
         raise UserError(f"data.source = {path}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _why_missing(path: Path) -> str:
+    """What is wrong with a path that does not exist: nothing there, or a link that leads nowhere."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop (a link that leads back to itself); point data.source at the file"
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return "no such file or folder"
 
 
 def _from_table(value):
@@ -205,17 +222,23 @@ def clean_records(records: list[dict], min_chars: int) -> tuple[list[dict], Coun
     return kept, dropped, invalid_decisions
 
 
-def split_counts(n_rows: int, val_size: float, test_size: float) -> tuple[int, int, int]:
-    """(train, validation, test) row counts; a size < 1 is a fraction, >= 1 a count."""
+def split_counts(n_rows: int, val_size: float, test_size: float, dropped: Counter | None = None
+                 ) -> tuple[int, int, int]:
+    """(train, validation, test) row counts; a size < 1 is a fraction, >= 1 a count. `dropped`
+    (clean_records' drop counts) only makes the message say where the other rows went."""
     def count(size):
         return int(size) if size >= 1 else int(round(size * n_rows))
 
     n_val, n_test = count(val_size), count(test_size)
     n_train = n_rows - n_val - n_test
     if min(n_train, n_val, n_test) < 1:
+        empty = [name for name, n in (("train", n_train), ("validation", n_val), ("test", n_test)) if n < 1]
+        drops = ", ".join(f"{reason} {n:,}" for reason, n in (dropped or {}).items() if n)
         raise UserError(
-            f"data.val_size = {val_size} and data.test_size = {test_size} give train/validation/test = "
-            f"{n_train}/{n_val}/{n_test} of {n_rows} rows; every split needs at least one row"
+            f"{n_rows:,} usable row{'s' if n_rows != 1 else ''} after cleaning and de-duplication"
+            f"{f' (dropped: {drops})' if drops else ''}; data.val_size = {val_size} and data.test_size = "
+            f"{test_size} take {n_val:,} validation and {n_test:,} test rows and leave the {' and '.join(empty)} "
+            f"split{'s' if len(empty) > 1 else ''} empty: every split needs at least one row"
         )
     return n_train, n_val, n_test
 
@@ -225,14 +248,15 @@ def _rank(seed: int, row_id: str) -> str:
     return hashlib.sha256(f"{seed}:{row_id}".encode("utf-8")).hexdigest()
 
 
-def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int) -> dict[str, list[dict]]:
+def split_rows(rows: list[dict], val_size: float, test_size: float, seed: int, dropped: Counter | None = None
+               ) -> dict[str, list[dict]]:
     """Seeded train/validation/test split, stratified by final_decision when rows have it.
 
     Each stratum is shuffled by hash; every row then gets the position (k + 0.5) / n_stratum, and
     sorting all rows by it interleaves the strata evenly, so any prefix (test, then validation)
     holds each answer class in proportion.
     """
-    n_train, n_val, n_test = split_counts(len(rows), val_size, test_size)
+    n_train, n_val, n_test = split_counts(len(rows), val_size, test_size, dropped)
     strata = defaultdict(list)
     for row in rows:
         strata[row.get("final_decision", "")].append(row)

@@ -238,3 +238,38 @@ def test_params_yaml_is_in_the_form_dvc_writes_it_back(tmp_path):
         after = (tmp_path / "params.yaml").read_text(encoding="utf-8").splitlines()
         assert len(after) == len(text.splitlines())
         assert [(old, new) for old, new in zip(text.splitlines(), after) if old != new] == expected
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the last value silently: lora.r 8 would train while 16 stands in plain sight.
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nlora:\n  r: 16\n  alpha: 16\n  r: 8\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: lora.r is set twice (lines 3 and 5); keep one"
+    path.write_text("seed: 1\nlora:\n  r: 16\nseed: 2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r": seed is set twice \(lines 1 and 4\)"):
+        load_params(path)
+    # the same key in two sections, or in two items of a list, is no duplicate
+    path.write_text("data:\n  seed: 1\nlora:\n  target_modules:\n  - q_proj\n  - k_proj\n", encoding="utf-8")
+    with pytest.raises(UserError, match="data.seed: unknown key"):  # parsed, then refused for what it is
+        load_params(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.learning_rate", float("nan")), ("train.learning_rate", "nan"), ("lora.alpha", float("inf")),
+    ("lora.r", float("-inf")), ("data.val_size", float("nan")), ("eval.temperature", "Infinity"),
+])
+def test_a_number_that_is_not_finite_says_so(raw, key, value):
+    set_key(raw, key, value)
+    with pytest.raises(UserError) as error:
+        parse_params(raw)
+    assert str(error.value) == f"params.yaml: {key} = {value!r}: not a finite number"
+
+
+def test_yaml_nan_read_from_the_file_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8").replace("learning_rate: 2.0e-4", "learning_rate: .nan")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=r"train.learning_rate = nan: not a finite number$"):
+        load_params(path)

@@ -271,6 +271,34 @@ def test_split_sizes_accept_counts_and_refuse_empty_splits():
             split_counts(n_rows, val_size, test_size)
 
 
+def test_an_empty_split_says_how_many_rows_were_usable_and_where_the_others_went():
+    dropped = Counter({"missing_answer": 0, "duplicate_id": 9999})
+    with pytest.raises(UserError) as error:
+        split_counts(1, 0.1, 0.1, dropped)
+    assert str(error.value) == (
+        "1 usable row after cleaning and de-duplication (dropped: duplicate_id 9,999); data.val_size = 0.1 and "
+        "data.test_size = 0.1 take 0 validation and 0 test rows and leave the validation and test splits empty: "
+        "every split needs at least one row")
+    with pytest.raises(UserError, match=r"^49 usable rows after cleaning and de-duplication; data.val_size = 0.1 "
+                                        r"and data.test_size = 1000 take 5 validation and 1,000 test rows and "
+                                        r"leave the train split empty: "):
+        split_counts(49, 0.1, 1000)
+
+
+def test_a_url_or_a_broken_link_is_named_for_what_it_is(tmp_path):
+    with pytest.raises(UserError) as error:
+        read_records("https://example.com/pubmedqa.json", "test", None)
+    assert str(error.value) == (
+        "data.source = https://example.com/pubmedqa.json: URLs are not read; download the file first (e.g. curl "
+        "-L -o data/mine.json 'https://example.com/pubmedqa.json') and set data.source to its path")
+    (tmp_path / "loop.json").symlink_to("loop.json")
+    with pytest.raises(UserError, match=r"loop.json: a symlink loop \(a link that leads back to itself\)"):
+        read_records(str(tmp_path / "loop.json"), "test", None)
+    (tmp_path / "moved.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(UserError, match=rf"moved.json: a symbolic link to {tmp_path}/gone.json, which does not exist"):
+        read_records(str(tmp_path / "moved.json"), "test", None)
+
+
 @pytest.mark.parametrize("sizes", [(10, 20, 30), (5, 50), (1, 1, 10)])
 def test_every_held_out_prefix_holds_each_class_in_proportion(sizes):
     # Whatever the test size, each class's count in it is within one row of its proportional share.

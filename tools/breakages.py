@@ -79,10 +79,27 @@ BREAKAGES = [
         ("tests/test_dvc_yaml.py::test_every_file_a_stage_reads_is_a_dependency_and_every_data_dep_is_read"
          "[evaluate_base]",)),
     Breakage(
-        "validate-skips-the-merge-base-folder", "stages/validate.py",
+        "validate-skips-the-merge-base-folder", "stages/preflight.py",
         '(("model.name", params.model.name), ("model.base_16bit", params.model.base_16bit))',
         '(("model.name", params.model.name),)',
         ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[merge-base-folder-missing]",)),
+    Breakage(
+        "validate-skips-the-split-count", "stages/validate.py",
+        "    n_train, n_val, n_test = split_counts(len(rows), data.val_size, data.test_size, dropped)\n",
+        "    n_train, n_val, n_test = len(rows), 0, 0\n",
+        ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[test-size-beyond-the-data]",)),
+    Breakage(
+        "validate-leaves-the-device-to-train", "stages/preflight.py",
+        "    check_can_load(params.model)\n", "",
+        ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[4bit-without-cuda]",)),
+    Breakage(
+        "params-keep-the-last-of-two-equal-keys", "stages/params.py",
+        "            if key in lines:\n", "            if False:\n",
+        ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[duplicate-key]",)),
+    Breakage(
+        "lora-rank-unbounded-by-the-model", "stages/preflight.py",
+        '("lora.r", params.lora.r, hidden, "hidden_size")', '("lora.r", params.lora.r, None, "hidden_size")',
+        ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[lora-r-huge]",)),
     Breakage(
         "outputs-keep-the-replaced-folder", "stages/outputs.py",
         "            shutil.rmtree(old, ignore_errors=True)\n",
