@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data/sample/pubmedqa_ko_sample.json"
@@ -265,6 +266,44 @@ def pipeline_run(smoke_template, shared) -> Path:
     offline promise: there must be none).
     """
     return shared("pipeline-run", lambda dest: run_pipeline(smoke_template, dest))
+
+
+@pytest.fixture(scope="session")
+def committed_run(shared, pipeline_run) -> Path:
+    """The tiny pipeline's result, recorded by DVC (`dvc commit`) and committed in git: the last good
+    result a user would not want to lose."""
+
+    def build(dest):
+        from tools.smoke import dvc_environment
+
+        shutil.copytree(pipeline_run, dest, symlinks=True)
+        for command in ([sys.executable, "-m", "dvc", "commit", "-f", "-q"], ["git", "add", "-A"],
+                        ["git", "commit", "-q", "-m", "the result to keep"]):
+            subprocess.run(command, cwd=dest, check=True, capture_output=True, env=dvc_environment())
+
+    return shared("committed-run", build)
+
+
+@pytest.fixture
+def committed_workspace(committed_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of committed_run, made the current directory."""
+    dest = tmp_path / "ws"
+    shutil.copytree(committed_run, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
+def output_hashes(repo: Path) -> dict:
+    """Every output dvc.yaml declares, as DVC hashes it (None: missing), and what dvc.lock records of
+    every stage but validate (whose success DVC records even when a later stage fails)."""
+    from stages.outputs import dvc_md5
+
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    outputs = [next(iter(out)) if isinstance(out, dict) else out
+               for stage in spec.values() for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+    found = {path: dvc_md5(repo / path) if (repo / path).exists() else None for path in outputs}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"] if (repo / "dvc.lock").exists() else {}
+    return {**found, "dvc.lock": {name: entry for name, entry in lock.items() if name != "validate"}}
 
 
 PINNED = "_unsloth_is_pinned"  # unsloth_zoo's HOST_PINNED_ATTR

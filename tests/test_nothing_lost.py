@@ -18,16 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import write_params
-from stages.outputs import dvc_md5
+from conftest import output_hashes, write_params
 from tools.smoke import dvc_environment
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = [next(iter(out)) if isinstance(out, dict) else out
-           for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"].values()
-           for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
 
 HOLD = textwrap.dedent("""
     import os, sys, time
@@ -76,32 +71,11 @@ HOLD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def committed(shared, pipeline_run):
-    """The tiny pipeline's result, recorded by DVC (`dvc commit`) and committed in git."""
-
-    def build(dest):
-        shutil.copytree(pipeline_run, dest, symlinks=True)
-        for command in ([sys.executable, "-m", "dvc", "commit", "-f", "-q"], ["git", "add", "-A"],
-                        ["git", "commit", "-q", "-m", "the result to keep"]):
-            subprocess.run(command, cwd=dest, check=True, capture_output=True, env=dvc_environment())
-
-    return shared("committed-run", build)
-
-
 @pytest.fixture
-def repo(committed, tmp_path):
+def repo(committed_run, tmp_path):
     dest = tmp_path / "ws"
-    shutil.copytree(committed, dest, symlinks=True)
+    shutil.copytree(committed_run, dest, symlinks=True)
     return dest
-
-
-def hashes(repo: Path) -> dict:
-    """Every output of every stage as DVC hashes it (None: missing), and what dvc.lock records of
-    every stage but validate (which did finish: DVC records its new params)."""
-    found = {path: dvc_md5(repo / path) if (repo / path).exists() else None for path in OUTPUTS}
-    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))["stages"]
-    return {**found, "dvc.lock": {name: entry for name, entry in lock.items() if name != "validate"}}
 
 
 def git_status(repo: Path) -> str:
@@ -157,7 +131,7 @@ LINES = {signal.SIGINT: "interrupted: no output was replaced", signal.SIGTERM: "
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("stage, change, where", CASES, ids=[case[0] for case in CASES])
 def test_a_stopped_stage_leaves_every_output_as_it_was(repo, stage, change, where, sig):
-    before = hashes(repo)
+    before = output_hashes(repo)
     assert None not in before.values()
     write_params(repo, change)
     # Only the stage (validate, which runs first in a plain `dvc repro`, finishes in every case: the
@@ -167,17 +141,17 @@ def test_a_stopped_stage_leaves_every_output_as_it_was(repo, stage, change, wher
     said = [line for line in result.stdout.splitlines() if line.startswith(("interrupted", "terminated", "error"))]
     assert len(said) == 1 and said[0].startswith(LINES[sig]), result.stdout[-3000:]
     assert "Traceback" not in result.stdout
-    assert hashes(repo) == before  # byte for byte, and dvc.lock
+    assert output_hashes(repo) == before  # byte for byte, and dvc.lock
     assert git_status(repo) == (" M params.yaml\n" if change else "")
     assert not list((repo / "models").glob(".publishing-*")) and not list(repo.rglob(".*.tmp-*"))
 
 
 def test_a_kill_while_outputs_are_put_in_place_is_rolled_back_and_a_rerun_completes(repo):
-    before = hashes(repo)
+    before = output_hashes(repo)
     write_params(repo, {"eval.report_examples": 1})
     result = stopped_repro(repo, "evaluate", "renamed", signal.SIGKILL)
     assert result.returncode == -signal.SIGKILL
-    mixed = hashes(repo)  # evaluate's report new (predictions and plot data are the same), its metrics old
+    mixed = output_hashes(repo)  # evaluate's report new (predictions and plot data are the same), its metrics old
     assert mixed["metrics/report.md"] != before["metrics/report.md"]
     assert mixed["metrics/eval.json"] == before["metrics/eval.json"] and mixed["dvc.lock"] == before["dvc.lock"]
 
@@ -188,9 +162,9 @@ def test_a_kill_while_outputs_are_put_in_place_is_rolled_back_and_a_rerun_comple
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "evaluate"], cwd=repo,
                             capture_output=True, text=True, env=dvc_environment())
     assert status.stdout.strip() == "{}"  # every output as the new dvc.lock records it
-    after = hashes(repo)
+    after = output_hashes(repo)
     assert after["metrics/report.md"] != before["metrics/report.md"]  # the new result, whole
-    assert {path for path in OUTPUTS if after[path] != before[path]} <= {
+    assert {path for path in after if after[path] != before[path]} <= {
         "metrics/report.md", "metrics/info/evaluate.json", "metrics/cost/evaluate.json"}
 
 
@@ -210,7 +184,7 @@ def test_sigterm_in_training_then_a_rerun_resumes_and_finishes(repo):
 def test_a_full_disk_in_merge_is_one_line_and_leaves_every_output(repo):
     """`ulimit -f` (a batch system's file-size limit; the same errors as a full disk) below the size of
     the merged weights: merge fails while writing them, in one line, after DVC had started the stage."""
-    before = hashes(repo)
+    before = output_hashes(repo)
     write_params(repo, {"merge.dtype": "bfloat16"})
     limit = (repo / "models/merged/model.safetensors").stat().st_size // 4  # the bfloat16 weights are half
     result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "merge"], cwd=repo, text=True,
@@ -219,5 +193,5 @@ def test_a_full_disk_in_merge_is_one_line_and_leaves_every_output(repo):
     said = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and said[0].startswith("error: cannot write models/merged (about "), result.stderr[-3000:]
     assert "a file grew past the largest size allowed" in said[0] and "Traceback" not in result.stderr
-    assert hashes(repo) == before
+    assert output_hashes(repo) == before
     assert not list((repo / "models").glob(".*-*"))  # no temporary folder, no journal

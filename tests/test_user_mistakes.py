@@ -2,6 +2,7 @@
 correct behaviour), never a traceback. One table, run through the stages as a user runs them."""
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_params
+from conftest import output_hashes, write_params
 from stages import predict, prepare, validate
 from stages.outputs import read_jsonl
 from stages.records import clean_records, read_records
@@ -63,6 +64,14 @@ def _cp949_csv(workspace):
     rows = json.loads((workspace / SAMPLE).read_text(encoding="utf-8"))[:5]
     frame = pd.DataFrame(rows)[["QUESTION", "LONG_ANSWER"]]
     (workspace / "data/excel.csv").write_bytes(frame.to_csv(index=False).encode("cp949", errors="replace"))
+
+
+def _file_in_place_of(folder: str):
+    """A file where an output folder belongs: nothing can be written under it (unlike a chmod, even as root)."""
+    def setup(workspace):
+        shutil.rmtree(workspace / folder, ignore_errors=True)
+        (workspace / folder).write_text("a file where a folder belongs", encoding="utf-8")
+    return setup
 
 
 MISTAKES = [
@@ -163,18 +172,22 @@ MISTAKES = [
      "error: data.source = https://example.com/data.json: URLs are not read; download the file first"),
     ("source-is-a-symlink-loop", _symlink_loop, {"data.source": "data/loop.json"}, validate,
      "error: data.source = data/loop.json: a symlink loop"),
-    ("cost-folder-unwritable", _write("metrics/cost", "a file where a folder belongs"), {}, validate,
+    ("cost-folder-unwritable", _file_in_place_of("metrics/cost"), {}, validate,
      "error: cannot write metrics/cost/train.json: File exists; check that folder's permissions and free disk space"),
 ]
 
 
 @pytest.mark.parametrize("setup, overrides, stage, expected", [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
-def test_a_mistake_is_one_line_and_exit_2(workspace, capsys, monkeypatch, setup, overrides, stage, expected):
+def test_a_mistake_is_one_line_and_exit_2(committed_workspace, capsys, monkeypatch, setup, overrides, stage,
+                                          expected):
+    """In a workspace holding a committed result, which every row must leave byte for byte."""
+    workspace = committed_workspace
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # every row on a machine without CUDA
     if setup:
         setup(workspace)
     if overrides:  # (none: the set-up wrote params.yaml itself)
         write_params(workspace, overrides)
+    before = output_hashes(workspace)
     with pytest.raises(SystemExit) as stopped:
         stage.main()
     assert stopped.value.code == 2
@@ -182,6 +195,7 @@ def test_a_mistake_is_one_line_and_exit_2(workspace, capsys, monkeypatch, setup,
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and said[0].startswith(expected), err[-2000:]
     assert "Traceback" not in err and "\n" not in said[0]
+    assert output_hashes(workspace) == before
 
 
 @pytest.mark.parametrize(
