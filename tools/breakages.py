@@ -101,9 +101,20 @@ BREAKAGES = [
         '("lora.r", params.lora.r, hidden, "hidden_size")', '("lora.r", params.lora.r, None, "hidden_size")',
         ("tests/test_user_mistakes.py::test_a_mistake_is_one_line_and_exit_2[lora-r-huge]",)),
     Breakage(
+        "adapter-deleted-by-dvc-before-train", "dvc.yaml",
+        "      - models/adapter:\n          persist: true\n",
+        "      - models/adapter\n",
+        ("tests/test_dvc_yaml.py::test_every_output_persists_so_dvc_never_deletes_the_last_result_before_a_stage_runs",
+         "tests/test_nothing_lost.py::test_a_stopped_stage_leaves_every_output_as_it_was[train-sigterm]")),
+    Breakage(
+        "killed-publication-left-half-done", "stages/outputs.py",
+        "    recover_interrupted_publications()\n    for final in finals:\n",
+        "    for final in finals:\n",
+        ("tests/test_outputs_fast.py::test_a_kill_while_outputs_are_replaced_is_rolled_back_by_the_next_write",)),
+    Breakage(
         "outputs-keep-the-replaced-folder", "stages/outputs.py",
-        "            shutil.rmtree(old, ignore_errors=True)\n",
-        "",
+        "            _remove(old)\n",
+        "            pass\n",
         ("tests/test_outputs.py::test_replacing_a_folder_and_its_metrics_leaves_no_temporary_behind",)),
     Breakage(
         "plots-confusion-transposed", "stages/plots.py",
