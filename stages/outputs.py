@@ -179,9 +179,8 @@ def _signals_held() -> Iterator[None]:
 class _Publication:
     """Renames staged outputs into place all together or not at all; see the module docstring."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], journal: Path | None = None, pid: int | None = None):
-        self.pid = os.getpid() if pid is None else pid
-        self.journal = journal or paths.PUBLISH_JOURNALS / f".publishing-{self.pid}.json"
+    def __init__(self, pairs: list[tuple[Path, Path]], journal: Path | None = None):
+        self.journal = journal or paths.PUBLISH_JOURNALS / f".publishing-{os.getpid()}.json"
         # (temporary, final, where the previous version goes, whether there was one)
         self.moves = [(tmp, final, _temporary_sibling(final, "old"), final.exists() or final.is_symlink())
                       for tmp, final in pairs]
@@ -201,7 +200,7 @@ class _Publication:
 
     @classmethod
     def read(cls, journal: Path) -> "_Publication":
-        publication = cls([], journal=journal, pid=-1)
+        publication = cls([], journal=journal)
         entries = json.loads(journal.read_text(encoding="utf-8"))
         publication.moves = [(Path(tmp), Path(final), Path(old), existed) for tmp, final, old, existed in entries]
         return publication

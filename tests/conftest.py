@@ -207,13 +207,18 @@ def smoke_run(tmp_path_factory) -> tuple[Path, str]:
     return project, result.stdout + result.stderr
 
 
+def private_copy(template: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of template in tmp_path, made the current directory."""
+    dest = tmp_path / "ws"
+    shutil.copytree(template, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    return dest
+
+
 @pytest.fixture
 def workspace(smoke_template, tmp_path, monkeypatch) -> Path:
     """A private copy of the smoke workspace, made the current directory."""
-    dest = tmp_path / "ws"
-    shutil.copytree(smoke_template, dest, symlinks=True)
-    monkeypatch.chdir(dest)
-    return dest
+    return private_copy(smoke_template, tmp_path, monkeypatch)
 
 
 TOKEN_SENTINEL = "hf_SENTINEL_never_written_anywhere_0123456789"
@@ -287,10 +292,7 @@ def committed_run(shared, pipeline_run) -> Path:
 @pytest.fixture
 def committed_workspace(committed_run, tmp_path, monkeypatch) -> Path:
     """A private copy of committed_run, made the current directory."""
-    dest = tmp_path / "ws"
-    shutil.copytree(committed_run, dest, symlinks=True)
-    monkeypatch.chdir(dest)
-    return dest
+    return private_copy(committed_run, tmp_path, monkeypatch)
 
 
 def output_hashes(repo: Path) -> dict:

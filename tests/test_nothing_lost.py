@@ -155,6 +155,17 @@ def test_a_stopped_stage_leaves_every_output_as_it_was(repo, stage, change, wher
     assert not list((repo / "models").glob(".publishing-*")) and not list(repo.rglob(".*.tmp-*"))
 
 
+def rerun_until_recorded(repo: Path, stage: str) -> subprocess.CompletedProcess:
+    """A plain `dvc repro STAGE`, which must succeed and leave the stage as dvc.lock now records it."""
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, capture_output=True, text=True,
+                           env=dvc_environment())
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=repo, capture_output=True,
+                            text=True, env=dvc_environment())
+    assert status.stdout.strip() == "{}"  # every output as the new dvc.lock records it
+    return rerun
+
+
 def test_a_kill_while_outputs_are_put_in_place_is_rolled_back_and_a_rerun_completes(repo):
     before = output_hashes(repo)
     write_params(repo, {"eval.report_examples": 1})
@@ -164,13 +175,8 @@ def test_a_kill_while_outputs_are_put_in_place_is_rolled_back_and_a_rerun_comple
     assert mixed["metrics/report.md"] != before["metrics/report.md"]
     assert mixed["metrics/eval.json"] == before["metrics/eval.json"] and mixed["dvc.lock"] == before["dvc.lock"]
 
-    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=repo, capture_output=True,
-                           text=True, env=dvc_environment())
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = rerun_until_recorded(repo, "evaluate")
     assert "put every previous version back" in rerun.stderr
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "evaluate"], cwd=repo,
-                            capture_output=True, text=True, env=dvc_environment())
-    assert status.stdout.strip() == "{}"  # every output as the new dvc.lock records it
     after = output_hashes(repo)
     assert after["metrics/report.md"] != before["metrics/report.md"]  # the new result, whole
     assert {path for path in after if after[path] != before[path]} - {"dvc.lock"} <= {
@@ -181,13 +187,8 @@ def test_sigterm_in_training_then_a_rerun_resumes_and_finishes(repo):
     write_params(repo, {"lora.r": 8})
     result = stopped_repro(repo, "train", "step-8", signal.SIGTERM)  # smoke params: a checkpoint every 8 steps
     assert result.returncode != 0 and "terminated (SIGTERM): no output was replaced" in result.stdout
-    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=repo, capture_output=True,
-                           text=True, env=dvc_environment())
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = rerun_until_recorded(repo, "train")
     assert "resuming from models/checkpoints/checkpoint-8" in rerun.stderr
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "train"], cwd=repo,
-                            capture_output=True, text=True, env=dvc_environment())
-    assert status.stdout.strip() == "{}"
 
 
 def test_a_full_disk_in_merge_is_one_line_and_leaves_every_output(repo):

@@ -365,8 +365,8 @@ def test_a_committed_publication_is_finished_by_the_next_write(tmp_path, monkeyp
     with staged() as out:  # the new versions, staged by this process as a stage would
         (out.dir(Path("adapter")) / "w").write_text("new weights")
         out.text(Path("a.json"), "new a")
-        publication = outputs._Publication(out._pairs, pid=2**22 + 1)  # a pid no process has
-        publication.journal = Path(f"models/.publishing-{2**22 + 1}.json")
+        # as written by a process that is gone (2**22 + 1: a pid no process has)
+        publication = outputs._Publication(out._pairs, journal=Path(f"models/.publishing-{2**22 + 1}.json"))
         publication.moves = [(tmp, final, final.with_name(f".{final.name}.old-{2**22 + 1}"), True)
                              for tmp, final, _, _ in publication.moves]
         publication._write_journal()
