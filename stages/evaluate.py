@@ -51,7 +51,7 @@ def main() -> None:
     base_quality, base_predictions = read_base()
 
     tokenizer = load_tokenizer(str(paths.MERGED_DIR), what="models/merged")
-    model = load_for_inference(str(paths.MERGED_DIR), what="models/merged")
+    model = load_for_inference(str(paths.MERGED_DIR), what="models/merged", tokenizer=tokenizer)
     result = evaluate_model(model, tokenizer, params)
     try:
         records = side_by_side(result.predictions, base_predictions)

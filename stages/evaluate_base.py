@@ -31,7 +31,7 @@ def main() -> None:
     check_writable(paths.BASE_PREDICTIONS, paths.EVAL_BASE_METRICS, paths.EVAL_BASE_INFO, paths.EVAL_BASE_COST)
     base = params.model.base_16bit
     tokenizer = load_tokenizer(base, what="model.base_16bit")
-    model = load_for_inference(base, what="model.base_16bit")
+    model = load_for_inference(base, what="model.base_16bit", tokenizer=tokenizer)
     result = evaluate_model(model, tokenizer, params)
     with staged() as out:
         out.text(paths.BASE_PREDICTIONS, jsonl_text(result.predictions))

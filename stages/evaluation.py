@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from stages import paths
+from stages import chat_model, paths
 from stages.decision import check_same_chat, choose, decision_summary, option_examples, reference_label
 from stages.errors import UserError, gpu_memory_advice, progress_bars
 from stages.outputs import read_jsonl
@@ -110,14 +110,8 @@ def answer_loss(model, tokenizer, rows: list[dict], batch_size: int | str, desc:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """End-of-turn and end-of-text ids: generation stops at whichever comes first."""
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    for token in ("<|eot_id|>", tokenizer.eos_token):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token else None
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(ids)
+    """Where generation stops: the template's end of turn, the eos, the model's eos ids."""
+    return chat_model.stop_token_ids(model.generation_config, tokenizer)
 
 
 def fast_path_refusal(model, eval_params) -> str | None:

@@ -13,12 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages import unsloth_runtime
+from stages.chat_model import fit_embeddings, prepare_tokenizer, resolve_target_modules
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Llama 3.1 ships a dedicated padding token; padding with <|eot_id|> would blur the end of turn.
-LLAMA3_PAD_TOKEN = "<|finetune_right_pad_id|>"
 
 
 def cuda_available() -> bool:
@@ -76,16 +74,6 @@ def load_errors(what: str, name: str):
         if type(exc).__module__.startswith(("huggingface_hub", "requests", "httpx")):
             raise UserError(describe_load_error(what, name, exc)) from None
         raise
-
-
-def prepare_tokenizer(tokenizer):
-    """Give the tokenizer a pad token that is not the end-of-turn token, when it has none."""
-    if tokenizer.pad_token is None:
-        vocab = tokenizer.get_vocab()
-        tokenizer.pad_token = LLAMA3_PAD_TOKEN if LLAMA3_PAD_TOKEN in vocab else tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise UserError("the tokenizer has no chat template; use an instruction-tuned chat model")
-    return tokenizer
 
 
 def load_tokenizer(name: str, what: str = "model.name"):
@@ -147,7 +135,7 @@ def load_for_training(model_params, lora_params, gradient_checkpointing: bool, s
         model, tokenizer = _load_unsloth(model_params, lora_params, gradient_checkpointing, seed)
     else:
         model, tokenizer = _load_transformers(model_params, lora_params, gradient_checkpointing, seed)
-    return model, prepare_tokenizer(tokenizer), backend
+    return model, tokenizer, backend
 
 
 def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
@@ -163,12 +151,14 @@ def _load_unsloth(model_params, lora_params, gradient_checkpointing, seed):
             dtype=None,  # unsloth picks bf16 where supported, else fp16
             load_in_4bit=model_params.load_in_4bit,
         )
+    tokenizer = prepare_tokenizer(tokenizer)
+    fit_embeddings(model, tokenizer)
     model = FastLanguageModel.get_peft_model(
         model,
         r=lora_params.r,
         lora_alpha=lora_params.alpha,
         lora_dropout=lora_params.dropout,
-        target_modules=list(lora_params.target_modules),
+        target_modules=resolve_target_modules(model, lora_params.target_modules),
         bias=lora_params.bias,
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         random_state=seed,
@@ -197,6 +187,7 @@ def _load_transformers(model_params, lora_params, gradient_checkpointing, seed):
     tokenizer = load_tokenizer(model_params.name)
     with load_errors("model.name", model_params.name):
         model = AutoModelForCausalLM.from_pretrained(model_params.name, **kwargs)
+    fit_embeddings(model, tokenizer)
     if model_params.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
@@ -206,15 +197,16 @@ def _load_transformers(model_params, lora_params, gradient_checkpointing, seed):
         r=lora_params.r,
         lora_alpha=lora_params.alpha,
         lora_dropout=lora_params.dropout,
-        target_modules=list(lora_params.target_modules),
+        target_modules=resolve_target_modules(model, lora_params.target_modules),
         bias=lora_params.bias,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config), tokenizer
 
 
-def load_for_inference(name: str, what: str, dtype=None):
-    """A plain transformers causal LM in eval mode: bf16/fp16 on GPU, fp32 on CPU."""
+def load_for_inference(name: str, what: str, dtype=None, tokenizer=None):
+    """A plain transformers causal LM in eval mode: bf16/fp16 on GPU, fp32 on CPU, with room for
+    `tokenizer`'s pad token if prepare_tokenizer had to add one."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -223,5 +215,7 @@ def load_for_inference(name: str, what: str, dtype=None):
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with load_errors(what, name):
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     model.eval()
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -28,8 +29,11 @@ from pydantic import (
 from stages.errors import UserError
 from stages.paths import PARAMS_FILE
 
-# The seven linear projections of a Llama decoder layer: the only names LoRA can target here.
+# The seven linear projections of a Llama decoder layer (Qwen, Gemma, Mistral and EXAONE name
+# theirs the same): the shipped targets. Any other name is checked against the model's own layers
+# by validate (stages/chat_model.py), as is `all-linear`.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # transformers' SchedulerType and OptimizerNames (5.17), checked here so that a misspelling fails
 # with the other params instead of after the model has loaded; a test keeps them equal.
 SCHEDULERS = (
@@ -132,19 +136,21 @@ class LoraParams(_Section):
     r: Int = Field(16, gt=0)
     alpha: Float = Field(16, gt=0)
     dropout: Float = Field(0.0, ge=0, lt=1)
-    target_modules: tuple[str, ...] = LLAMA_LINEAR_MODULES
+    target_modules: Literal["all-linear"] | tuple[str, ...] = LLAMA_LINEAR_MODULES
     bias: Literal["none", "all", "lora_only"] = "none"
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
-    def _known_modules(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
+    def _module_names(cls, modules):
+        if modules == "all-linear":
+            return modules
+        if not isinstance(modules, (list, tuple)):
+            raise ValueError("give a list of module names (such as [q_proj, v_proj]), or all-linear")
         if not modules:
-            raise ValueError("name at least one module")
-        unknown = [m for m in modules if m not in LLAMA_LINEAR_MODULES]
-        if unknown:
-            raise ValueError(
-                f"unknown module {unknown[0]!r}; choose from {', '.join(LLAMA_LINEAR_MODULES)}"
-            )
+            raise ValueError("name at least one module, or all-linear")
+        bad = [m for m in modules if not _MODULE_NAME.match(m)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a module name (such as q_proj); or set all-linear")
         return modules
 
 

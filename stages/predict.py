@@ -102,12 +102,13 @@ def provenance(use_adapter: bool, base: str) -> str:
             f"{'on' if use_adapter else 'merged into'} {base}, as dvc.lock records it")
 
 
-def load_answering_model(use_adapter: bool, base: str):
+def load_answering_model(use_adapter: bool, base: str, tokenizer):
     if not use_adapter:
-        return load_for_inference(str(paths.MERGED_DIR), "models/merged")
+        return load_for_inference(str(paths.MERGED_DIR), "models/merged", tokenizer=tokenizer)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_for_inference(base, "model.base_16bit"), str(paths.ADAPTER_DIR))
+    model = PeftModel.from_pretrained(load_for_inference(base, "model.base_16bit", tokenizer=tokenizer),
+                                      str(paths.ADAPTER_DIR))
     return model.merge_and_unload().eval()  # in memory only: a plain model, which the fast loop runs
 
 
@@ -207,7 +208,7 @@ def main(argv=None) -> None:
     print(provenance(args.adapter, params.model.base_16bit), file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(str(folder), what=str(folder))
     ids = prompt_ids(tokenizer, params, args.question, args.context, max_new_tokens)
-    model = load_answering_model(args.adapter, params.model.base_16bit)
+    model = load_answering_model(args.adapter, params.model.base_16bit, tokenizer)
     import torch
 
     with torch.inference_mode(), gpu_memory_advice(lambda: out_of_memory_advice(max_new_tokens)):

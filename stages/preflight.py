@@ -88,6 +88,25 @@ def check_model_limits(params, configs: dict[str, tuple[str, object]]) -> None:
                                 f"{limit}); set -S {param}={limit} or lower")
 
 
+def check_lora_targets(params, configs: dict[str, tuple[str, object]]) -> None:
+    """lora.target_modules against model.name's own linear layers, from an empty copy of the model
+    built on the meta device out of its config (no memory, no weights)."""
+    if "model.name" not in configs:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.chat_model import resolve_target_modules
+
+    name, config = configs["model.name"]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError):  # not a causal LM transformers can build: the loading stage will say
+        return
+    resolve_target_modules(model, params.lora.target_modules)
+
+
 def check_batch_sizes(params, n_train: int, n_rows: int) -> None:
     """Batch sizes the data can never fill, which only a slip makes (an extra digit, 1000000000).
     A training batch larger than the train split would make every optimizer step more than one

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from stages.chat_model import chat_format, render
 from stages.errors import UserError
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens)
@@ -59,28 +60,33 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The chat up to and including the assistant header the model continues from."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def render_prompt_completion(tokenizer, messages: list[dict]) -> tuple[str, str]:
     """Split a chat that ends with the answer into (prompt, completion) text.
 
     The completion is what the chat template adds after the generation prompt: the answer and
-    the end-of-turn token. Splitting the rendered text (rather than rendering the answer alone)
-    keeps whatever the template puts around the answer.
+    the end-of-turn token (what a template writes after that, such as a newline, is left out: the
+    model stops at the end of turn and never writes it). Splitting the rendered text (rather than
+    rendering the answer alone) keeps whatever the template puts around the answer.
     """
     prompt = render_prompt(tokenizer, messages)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render(tokenizer, messages, add_generation_prompt=False)
     if not full.startswith(prompt):
         raise UserError(
-            "the tokenizer's chat template does not render the conversation as "
-            "prompt + answer; use a Llama-3-style chat model or fix its chat_template"
+            "the tokenizer's chat template does not render the conversation as prompt + answer "
+            "(it writes the answer's turn differently from the generation prompt); fix its chat_template"
         )
-    return prompt, full[len(prompt):]
+    completion = full[len(prompt):]
+    end = chat_format(tokenizer).end_of_turn
+    cut = completion.rfind(end)
+    return prompt, completion[: cut + len(end)] if cut >= 0 else completion
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    # The rendered chat already holds <|begin_of_text|>: adding special tokens would double it.
+    # The rendered chat holds the bos where the model needs one (stages/chat_model.py): adding
+    # special tokens would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

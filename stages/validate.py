@@ -37,6 +37,7 @@ def main() -> None:
     preflight.check_batch_sizes(params, n_train, len(rows))
     configs = preflight.model_configs(params)
     preflight.check_model_limits(params, configs)
+    preflight.check_lora_targets(params, configs)
     preflight.check_machine(params)
     preflight.check_outputs_writable()
     log.info("params.yaml is valid; %s has %d rows, %d usable: train/validation/test at most %d/%d/%d",

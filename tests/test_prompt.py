@@ -26,13 +26,14 @@ def test_a_template_that_renders_the_answer_turn_differently_is_refused(tiny_tok
     tokenizer = copy.deepcopy(tiny_tokenizer)
     # The generation prompt says "assistant", the rendered answer turn "model": no prompt + answer split.
     tokenizer.chat_template = (
-        "{%- for m in messages %}{{ m['role'] if m['role'] != 'assistant' else 'model' }}: {{ m['content'] }}\n"
+        "{%- for m in messages %}{{ m['role'] if m['role'] != 'assistant' else 'model' }}: {{ m['content'] }}<|eot_id|>"
         "{%- endfor %}{%- if add_generation_prompt %}assistant: {%- endif %}"
     )
     with pytest.raises(UserError) as error:
         render_prompt_completion(tokenizer, build_messages("", "질문?", [], True, "답."))
-    assert str(error.value) == ("the tokenizer's chat template does not render the conversation as prompt + answer; "
-                                "use a Llama-3-style chat model or fix its chat_template")
+    assert str(error.value) == ("the tokenizer's chat template does not render the conversation as prompt + answer "
+                                "(it writes the answer's turn differently from the generation prompt); fix its "
+                                "chat_template")
 
 
 def test_the_decision_instruction_follows_the_training_users_turn():
