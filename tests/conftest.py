@@ -53,8 +53,8 @@ LAUNCH_PROCESSES = ("test_multiprocess.py", "test_bench_parallel.py")
 # These files share one `make smoke` run (the smoke_run fixture, built once per process).
 MAKE_SMOKE = ("test_workflow.py", "test_docs.py")
 # The longest chains of dependent tests start first, so the other workers take everything else meanwhile.
-LONGEST_FIRST = ("test_workflow.py", "test_docs.py", "test_resume.py", "test_nothing_lost.py", "test_multiprocess.py",
-                 "test_bench_parallel.py")
+LONGEST_FIRST = ("test_workflow.py", "test_docs.py", "test_resume.py", "test_nothing_lost.py", "test_families.py",
+                 "test_multiprocess.py", "test_bench_parallel.py")
 
 
 def xdist_group_of(nodeid: str) -> str:

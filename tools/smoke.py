@@ -93,8 +93,9 @@ def use_this_environment(makefile: Path) -> None:
     makefile.write_text(header + makefile.read_text(encoding="utf-8"), encoding="utf-8")
 
 
-def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
-    """A fresh git + DVC repository at dest: the project's code, the sample, smoke params, tiny model."""
+def make_workspace(dest: Path, overrides: dict | None = None, family: str = "llama") -> Path:
+    """A fresh git + DVC repository at dest: the project's code, the sample, smoke params, a tiny model
+    of `family` (tools/tiny_model.py)."""
     from tools.tiny_model import build_tiny_model
 
     dest = Path(dest)
@@ -109,7 +110,7 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
     write_params(dest / "params.yaml", {**SMOKE_PARAMS, **(overrides or {})})
     use_this_environment(dest / "Makefile")
     (dest / ".gitignore").write_text("/models/\n/data/prepared\n/dvc_plots/\n", encoding="utf-8")
-    build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json")
+    build_tiny_model(dest / TINY_MODEL, dest / "data/sample/pubmedqa_ko_sample.json", family=family)
     run(["git", "init", "-q", "--initial-branch", "main"], dest)  # the README's `main`
     run(["git", "config", "user.email", "smoke@localhost"], dest)
     run(["git", "config", "user.name", "smoke"], dest)
