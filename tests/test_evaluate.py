@@ -90,19 +90,18 @@ def test_generation_stops_at_end_of_turn_end_of_text_and_the_models_own_eos(tiny
     assert end not in stop_token_ids(model, tiny_tokenizer)  # only when the model's config names it
 
 
-def test_stop_tokens_skip_what_the_tokenizer_does_not_know(tiny_tokenizer):
+def test_stop_tokens_are_the_templates_end_of_turn_where_nothing_else_names_one(tiny_tokenizer):
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer, GenerationConfig
 
     model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=None))
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer.name_or_path)
-    tokenizer.unk_token = "<|end_of_text|>"  # a vocabulary without <|eot_id|> maps it to unk
     tokenizer.eos_token = None
-    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert stop_token_ids(model, tokenizer) == [eot]
-    tokenizer.unk_token = "<|eot_id|>"
-    assert stop_token_ids(model, tokenizer) == []
+    assert stop_token_ids(model, tokenizer) == [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    # A template that closes a turn with another token: that one, read from the template, not a name.
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|eot_id|>", "<|end_of_text|>")
+    assert stop_token_ids(model, tokenizer) == [tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
 
 
 def test_a_missing_split_says_to_run_prepare(tmp_path, monkeypatch):

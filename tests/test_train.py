@@ -141,8 +141,10 @@ def test_unsloth_trains_with_attention_off_cudnn_and_whole_offload_slots_and_tra
     class FastLanguageModel:
         @staticmethod
         def from_pretrained(**kwargs):
+            from transformers import AutoModelForCausalLM
+
             seen.append((torch.backends.cuda.cudnn_sdp_enabled(), zoo._grow_host_buffer is shipped))
-            return "model", tiny_tokenizer
+            return AutoModelForCausalLM.from_pretrained(kwargs["model_name"]), tiny_tokenizer
 
         @staticmethod
         def get_peft_model(model, **kwargs):
@@ -157,7 +159,8 @@ def test_unsloth_trains_with_attention_off_cudnn_and_whole_offload_slots_and_tra
     params = load_params()
     try:
         torch.backends.cuda.enable_cudnn_sdp(True)
-        assert modeling.load_for_training(params.model, params.lora, True, params.seed)[2] == "unsloth"
+        model, _, backend = modeling.load_for_training(params.model, params.lora, True, params.seed)
+        assert backend == "unsloth" and model.config.model_type == "llama"
         assert seen == [(False, False)] and not torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(True)
         zoo._grow_host_buffer = shipped
