@@ -275,7 +275,7 @@ def _gpu_model(config):
 def llama_8b():
     from transformers import LlamaConfig
 
-    from benchmarks.random_llama import LLAMA_31_8B
+    from benchmarks.random_model import LLAMA_31_8B
 
     return LlamaConfig(**LLAMA_31_8B)
 
