@@ -10,8 +10,8 @@ mask, copying every key/value head once per query head. This loop keeps the mode
 - the launches: on a GPU the decoding step of all slots is captured once as a CUDA graph and
   replayed; on a CPU it runs eagerly (the same arithmetic, which the tests compare with generate).
 Prompts are prefilled by the model's own forward (sdpa), a few at a time, right-padded.
-Greedy only; sampling goes through `generate`. Families: Llama, Mistral, Qwen2, Qwen3 and EXAONE 4
-(WINDOWS), their sliding-window layers with a mask of their own; others, Gemma 2 and 3 among them
+Greedy only; sampling goes through `generate`. Families: Llama, Mistral, Ministral, Qwen2, Qwen3
+and EXAONE 4 (WINDOWS), their sliding-window layers with a mask of their own; others, Gemma 2 and 3 among them
 (REFUSED), go through `generate`, and `unsupported` says why.
 
 Three pieces, each readable and tested on its own, and the loop that runs them (`SlotDecoder`):
@@ -52,8 +52,8 @@ def _by_layer_type(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in config.layer_types[: config.num_hidden_layers]]
 
 
-WINDOWS = {"llama": _no_window, "mistral": _every_layer, "qwen2": _by_layer_type, "qwen3": _by_layer_type,
-           "exaone4": _by_layer_type}
+WINDOWS = {"llama": _no_window, "mistral": _every_layer, "ministral": _by_layer_type, "qwen2": _by_layer_type,
+           "qwen3": _by_layer_type, "exaone4": _by_layer_type}
 SUPPORTED_MODEL_TYPES = tuple(WINDOWS)
 _GEMMA3 = ("Gemma 3 gives its local and global layers different rotary embeddings and may soft-cap its logits "
            "(the fast loop gives all layers one and reads the head as is)")

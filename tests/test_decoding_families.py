@@ -19,6 +19,8 @@ FAMILY_CASES = {
     "qwen2": ("qwen3", {"kind": "Qwen2", "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
               [None, 16]),  # biased q/k/v; layers from max_window_layers on slide
     "mistral": ("mistral", {"sliding_window": 16}, [16, 16]),  # every layer slides
+    "ministral": ("mistral", {"kind": "Ministral", "sliding_window": 16,
+                              "layer_types": ["full_attention", "sliding_attention"]}, [None, 16]),
     "exaone4": ("exaone4", {}, [32, None]),  # q/k norms, head_dim 16; the global layer has no rotary embedding
 }
 
