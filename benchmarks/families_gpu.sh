@@ -12,9 +12,9 @@
 # {llama,qwen3}-train.json (benchmarks/bench.py), {llama,qwen3}-generation.json
 # (benchmarks/bench_generation.py), qwen3-float32.json, a .log beside each, and families.json, the
 # numbers side by side. Each part has its own time limit, so one that fails or hangs leaves the
-# others theirs (within BUDGET); the models are built in /tmp/llama8b and /tmp/qwen3-8b (16 GB each) by the first
-# part that needs them. Order: both trainings, then both generations (llama first in each pair;
-# compare the two only as numbers from one machine, see benchmarks/README.md, Method).
+# others theirs (within BUDGET); the models are built in /tmp/llama8b and /tmp/qwen3-8b (16 GB
+# each) by the training parts. Order: both trainings, then both generations (llama first in each
+# pair; compare the two only as numbers from one machine, see benchmarks/README.md, Method).
 set -u
 : "${OUT:?set OUT to the results folder}"
 BUDGET=${BUDGET:-540}  # seconds for all parts; the optional last part runs only if 150 are left
@@ -77,9 +77,9 @@ for family in ("llama", "qwen3"):
                     for name, row in variants.items()},
     }
 ratios = {}
-llama_train, qwen3_train = summary["llama"]["train"], summary["qwen3"]["train"]
-if llama_train.get("steady_tokens_per_s") and qwen3_train.get("steady_tokens_per_s"):
-    ratios["train_steady_tokens_per_s"] = round(qwen3_train["steady_tokens_per_s"] / llama_train["steady_tokens_per_s"], 3)
+llama_speed, qwen3_speed = (summary[family]["train"].get("steady_tokens_per_s") for family in ("llama", "qwen3"))
+if llama_speed and qwen3_speed:
+    ratios["train_steady_tokens_per_s"] = round(qwen3_speed / llama_speed, 3)
 for name, row in summary["llama"]["answers"].items():
     other = summary["qwen3"]["answers"].get(name, {})
     if row.get("new_tokens_per_s") and other.get("new_tokens_per_s"):
