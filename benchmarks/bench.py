@@ -1,10 +1,12 @@
 """Benchmark a GPU host: bf16 matmul peak, training throughput and MFU per backend, generation, pipeline.
 
-    python -m benchmarks.bench --out RESULTS.json [--model-dir /tmp/llama8b] [--layers 32] [--rows 500] \
-        [--backends unsloth transformers] [--train-steps 7] [--skip-pipeline] [--skip-generation] [--device cuda]
+    python -m benchmarks.bench --out RESULTS.json [--family llama|qwen3] [--model-dir DIR] [--layers N] \
+        [--rows 500] [--backends unsloth transformers] [--train-steps 7] [--skip-pipeline] [--skip-generation] \
+        [--device cuda]
 
 Run from the repository root; no network and no `dvc` command line needed. A random-weight
-Llama-3.1-8B-shaped model is built in --model-dir when it holds none (benchmarks/random_llama.py),
+8B-shaped model of --family (Llama-3.1-8B or Qwen3-8B) is built in --model-dir (default
+/tmp/llama8b, /tmp/qwen3-8b) when it holds none (benchmarks/random_model.py),
 and synthetic PubMedQA-format rows with realistic Korean lengths stand in for the dataset. Every
 stage runs as `python -m stages.<name>` through benchmarks/run_stages.py, in scratch workspaces
 under --work-dir. Results go to --out after each part (so a crash keeps what was measured), and
@@ -29,6 +31,7 @@ from datetime import datetime, timezone
 from itertools import cycle
 from pathlib import Path
 
+from benchmarks.random_model import MODEL_DIRS, SHAPES
 from benchmarks.run_stages import parse_value
 from tools.smoke import ROOT
 
@@ -80,17 +83,17 @@ def matmul_peak(device: str, runs: int = 20) -> dict:
             "tflops": round(2 * n**3 / median / 1e12, 2)}
 
 
-def model_info(model_dir: Path, layers: int, device: str, tiny: bool) -> dict:
+def model_info(model_dir: Path, layers: int | None, device: str, tiny: bool, family: str = "llama") -> dict:
     """Build the model when model_dir holds none; its parameter counts and FLOPs per trained token."""
     built = not (model_dir / "config.json").exists()
     if built and tiny:
         from tools.tiny_model import build_tiny_model
 
-        build_tiny_model(model_dir, SAMPLE)
+        build_tiny_model(model_dir, SAMPLE, family=family)
     elif built:
-        from benchmarks.random_llama import build
+        from benchmarks.random_model import build
 
-        build(model_dir, layers, device)
+        build(model_dir, layers, device, family)
     counts = count_params(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
     # A frozen base with LoRA and activation recomputation costs about 6 N FLOPs per token: forward
     # 2N, recomputed forward 2N, input-gradient backward 2N (no weight gradients for the frozen base;
@@ -99,7 +102,8 @@ def model_info(model_dir: Path, layers: int, device: str, tiny: bool) -> dict:
 
 
 def count_params(config: dict) -> dict:
-    """Llama parameter counts from config.json alone (no weights loaded)."""
+    """Parameter counts of a Llama-like decoder from config.json alone (no weights loaded; Qwen3's
+    q/k norms, 2 x head_dim a layer, left out)."""
     h, inter, layers, vocab = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                    "vocab_size"))
     heads = config["num_attention_heads"]
@@ -173,7 +177,8 @@ def train_backend(workspace: Path, overrides: dict, flops_per_token: int, peak_t
     return {
         **{key: metrics[key] for key in keys},
         "step_s": round(metrics["runtime_s"] / max(metrics["steps"], 1), 2),
-        "mfu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12), 4),
+        "mfu": round(metrics["steady_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12), 4)
+        if peak_tflops else None,  # a loaded CPU's 1024³ matmul can round to 0.0 TFLOP/s
         "stage_seconds": seconds,
         "prepared_tokens": {k: v for k, v in read_metrics(workspace, "info/prepare.json").items() if k.startswith("tokens_")},
     }
@@ -236,7 +241,7 @@ def summary_table(results: dict) -> str:
     for backend, run in results["train"].items():
         memory = run.get("peak_gpu_memory_gib", {})
         rows.append((f"train {backend}", run.get("error") or (
-            f"{run['steady_tokens_per_s']:,.0f} tokens/s steady, {run['step_s']} s/step, MFU {run['mfu']:.1%}, "
+            f"{run['steady_tokens_per_s']:,.0f} tokens/s steady, {run['step_s']} s/step, MFU {run['mfu'] or 0:.1%}, "
             f"peak {memory['allocated']}/{memory['reserved']} GiB allocated/reserved")))
     if "unsloth_over_transformers" in results:
         rows.append(("unsloth / transformers", f"{results['unsloth_over_transformers']:.2f}x"))
@@ -253,9 +258,10 @@ def summary_table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b"),
-                        help="built here when it has no config.json")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers of a model built now")
+    parser.add_argument("--family", choices=sorted(SHAPES), default="llama", help="the 8B shape of a model built now")
+    parser.add_argument("--model-dir", type=Path, help="built here when it has no config.json "
+                        f"(default: {', '.join(f'{k} {v}' for k, v in MODEL_DIRS.items())})")
+    parser.add_argument("--layers", type=int, help="decoder layers of a model built now (default: the family's)")
     parser.add_argument("--rows", type=int, default=500, help="synthetic data rows")
     parser.add_argument("--backends", nargs="+", default=["unsloth", "transformers"],
                         choices=["unsloth", "transformers"])
@@ -283,12 +289,12 @@ def main() -> None:
     if not on_cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the stages must not find a GPU either
     # Stages run in other folders: every path they are given must be absolute.
-    model_dir, work_dir = args.model_dir.resolve(), args.work_dir.resolve()
-    results = {"environment": environment(args.device)}
+    model_dir, work_dir = (args.model_dir or MODEL_DIRS[args.family]).resolve(), args.work_dir.resolve()
+    results = {"environment": environment(args.device), "family": args.family}
     results["matmul"] = timed(matmul_peak, args.device)
     peak = results["matmul"]["tflops"]
     log.info("bf16 matmul: %s TFLOP/s", peak)
-    results["model"] = timed(model_info, model_dir, args.layers, args.device, args.tiny)
+    results["model"] = timed(model_info, model_dir, args.layers, args.device, args.tiny, args.family)
     if on_cuda:  # neither the matmul's nor a built model's memory may stay reserved while the stages run
         gc.collect()
         torch.cuda.empty_cache()

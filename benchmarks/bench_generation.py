@@ -1,8 +1,9 @@
 """Generation speed of the evaluate stage's own code: transformers' generate against the fast loop.
 
-    python -m benchmarks.bench_generation --out RESULTS.json [--model-dir /tmp/llama8b] [--prompts 50]
+    python -m benchmarks.bench_generation --out RESULTS.json [--family llama|qwen3] [--model-dir DIR] [--prompts 50]
 
-Builds the random Llama-3.1-8B-shaped model when --model-dir holds none, renders --prompts
+Builds the random 8B-shaped model of --family (benchmarks/random_model.py: Llama-3.1-8B or
+Qwen3-8B, in /tmp/llama8b or /tmp/qwen3-8b by default) when --model-dir holds none, renders --prompts
 synthetic test questions (300-1,600 tokens, as benchmarks/bench.py makes them) with the
 pipeline's chat, and times stages.evaluation.generate_answers on the bf16 model, variant after
 variant in one process. New tokens/s counts tokens kept (up to the end of turn), as
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench import environment, synthetic_records
+from benchmarks.random_model import MODEL_DIRS, SHAPES
 from stages.params import EvalParams
 from stages.prompt import build_messages, render_prompt
 
@@ -51,7 +53,10 @@ def same_share(answers: list[str], reference: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/llama8b"))
+    parser.add_argument("--family", choices=sorted(SHAPES), default="llama", help="the 8B shape of a model built now")
+    parser.add_argument("--model-dir", type=Path, help="built here when it has no config.json "
+                        f"(default: {', '.join(f'{k} {v}' for k, v in MODEL_DIRS.items())})")
+    parser.add_argument("--layers", type=int, help="decoder layers of a model built now (default: the family's)")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--many", type=int, default=128, help="prompts of the large-batch variant")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -61,14 +66,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from benchmarks.random_llama import build
+    from benchmarks.random_model import build
     from stages.decoding import SlotDecoder
     from stages.evaluation import generate_answers
     from stages.modeling import load_for_inference, load_tokenizer
     from stages.params import load_params
 
+    args.model_dir = args.model_dir or MODEL_DIRS[args.family]
     if not (args.model_dir / "config.json").exists():
-        build(args.model_dir)
+        build(args.model_dir, args.layers, family=args.family)
         torch.cuda.empty_cache()
     tokenizer = load_tokenizer(str(args.model_dir))
     model = load_for_inference(str(args.model_dir), "model")
@@ -76,7 +82,7 @@ def main() -> None:
     test = prompts[:args.prompts]
     caps = [random.Random(i).randint(40, args.max_new_tokens) for i in range(len(test))]
     results = {"environment": {**environment("cuda"), "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]])},
-               "prompts": len(test), "variants": []}
+               "family": args.family, "model_type": model.config.model_type, "prompts": len(test), "variants": []}
     first16 = {}  # variant -> answers to the first 16 prompts, for the agreement table
 
     def measure(model, items, eval_params, caps_, continuous):

@@ -10,7 +10,9 @@ mask, copying every key/value head once per query head. This loop keeps the mode
 - the launches: on a GPU the decoding step of all slots is captured once as a CUDA graph and
   replayed; on a CPU it runs eagerly (the same arithmetic, which the tests compare with generate).
 Prompts are prefilled by the model's own forward (sdpa), a few at a time, right-padded.
-Greedy only; sampling goes through `generate`.
+Greedy only; sampling goes through `generate`. Families: Llama, Mistral, Ministral, Qwen2, Qwen3
+and EXAONE 4 (WINDOWS), their sliding-window layers with a mask of their own; others, Gemma 2 and 3 among them
+(REFUSED), go through `generate`, and `unsupported` says why.
 
 Three pieces, each readable and tested on its own, and the loop that runs them (`SlotDecoder`):
 the slots' bookkeeping (stages/slots.py: which prompt each slot answers, positions, written
@@ -28,21 +30,56 @@ from dataclasses import dataclass, field
 from stages.memory import head_dim
 from stages.slots import Slots
 
-SUPPORTED_MODEL_TYPES = ("llama",)  # decoder layers whose attention goes through AttentionInterface
 ATTENTION = "slot_decode"
 CHECK_EVERY = 8  # decoding steps between looks at which answers ended (each look waits for the GPU)
 _MIN = -3.0e38  # additive mask value: exp() of it is 0 in float32
 
 
+# The families whose decoder layers this loop runs unchanged (their own q/k norms, biases and
+# rotary handling inside; attention through AttentionInterface; the head read as is), each with
+# how its config says which layers attend through a sliding window. Each is compared with
+# generate token for token (tests/test_decoding_families.py).
+def _no_window(config) -> list[int | None]:
+    return [None] * config.num_hidden_layers
+
+
+def _every_layer(config) -> list[int | None]:  # as MistralModel: config.sliding_window, layer_types ignored
+    return [getattr(config, "sliding_window", None)] * config.num_hidden_layers
+
+
+def _by_layer_type(config) -> list[int | None]:
+    window = getattr(config, "sliding_window", None)
+    return [window if kind == "sliding_attention" else None for kind in config.layer_types[: config.num_hidden_layers]]
+
+
+WINDOWS = {"llama": _no_window, "mistral": _every_layer, "ministral": _by_layer_type, "qwen2": _by_layer_type,
+           "qwen3": _by_layer_type, "exaone4": _by_layer_type}
+SUPPORTED_MODEL_TYPES = tuple(WINDOWS)
+_GEMMA3 = ("Gemma 3 gives its local and global layers different rotary embeddings and may soft-cap its logits "
+           "(the fast loop gives all layers one and reads the head as is)")
+REFUSED = {  # families the loop would run wrong, and why
+    "gemma2": "Gemma 2 soft-caps its attention scores and its logits (the fast loop's attention and head do not)",
+    "gemma3_text": _GEMMA3, "gemma3": _GEMMA3,
+}
+
+
 def unsupported(model) -> str | None:
     """Why this loop cannot run `model` (then `generate` does), or None."""
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if config.model_type in REFUSED:
+        return REFUSED[config.model_type]
+    if config.model_type not in WINDOWS:
         return f"model type {config.model_type!r} (the fast loop knows {', '.join(SUPPORTED_MODEL_TYPES)})"
     inner = getattr(model, "model", None)
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{type(model).__name__} is not laid out as a Llama causal LM"
     return None
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer, how many of the latest positions (its own included) a query attends to;
+    None: all. As transformers' sliding-window mask: a query at p sees keys p - window + 1 .. p."""
+    return WINDOWS[config.model_type](config)
 
 
 def _grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -130,7 +167,7 @@ def prefill(model, cache: SlotCache, assignments: list[tuple[int, list[int]]], b
         lengths = torch.tensor([len(ids) for _, ids in chunk], device=device)
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids in chunk], device=device)
         attention_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-        past = DynamicCache(config=model.config)
+        past = DynamicCache()  # not the config's: its sliding-window layers would keep only the window
         hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
                              use_cache=True).last_hidden_state
         first = model.lm_head(hidden[torch.arange(len(chunk), device=device), lengths - 1]).argmax(dim=-1)
@@ -145,6 +182,7 @@ class DecodeStep:
 
     def __init__(self, model, slots: Slots, cache: SlotCache):
         self.model, self.slots, self.cache = model, slots, cache
+        self.windows = layer_windows(model.config)
         self.graph = None
         if model.device.type == "cuda":
             self._capture()
@@ -158,9 +196,11 @@ class DecodeStep:
         hidden = inner.embed_tokens(slots.tokens[:, None])
         position_ids = slots.positions[:, None]
         position_embeddings = inner.rotary_emb(hidden, position_ids)
-        mask = torch.where(slots.columns <= position_ids, 0.0, _MIN)[:, None, None, :]
-        for layer in inner.layers[: model.config.num_hidden_layers]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+        seen = slots.columns <= position_ids  # a slot's own tokens, up to the one it feeds now
+        masks = {window: torch.where(seen if window is None else seen & (slots.columns > position_ids - window),
+                                     0.0, _MIN)[:, None, None, :] for window in set(self.windows)}
+        for layer, window in zip(inner.layers[: model.config.num_hidden_layers], self.windows):
+            hidden = layer(hidden, attention_mask=masks[window], position_ids=position_ids, past_key_values=self.cache,
                            position_embeddings=position_embeddings)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         slots.record(model.lm_head(inner.norm(hidden[:, -1])).argmax(dim=-1))
