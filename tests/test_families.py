@@ -209,3 +209,21 @@ def test_each_family_runs_the_pipeline_end_to_end(family_run):
     quality = json.loads((workspace / "metrics/eval.json").read_text())
     assert quality["vs_base"]["test"]["loss"]["ci_high"] < 0
     assert set(quality["tuned"]["test"]) >= {"rougeL", "accuracy", "macro_f1", "loss", "cut_off"}
+
+
+@pytest.mark.parametrize("options, instruction", [
+    ({"yes": "예", "no": "아니요", "maybe": "불확실"}, "위 초록의 결과에 근거하여 질문에 {options} 중 한 단어로만 답하세요."),
+    ({"yes": "yes", "no": "no", "maybe": "maybe"}, "Answer the question with one word: {options}."),  # the English original
+])
+def test_the_decision_options_are_whole_replies_in_every_family(family_tokenizer, options, instruction):
+    from stages.decision import option_examples
+
+    family, tokenizer = family_tokenizer
+    row = {"question": "질문입니다?", "contexts": ["초록 문단."]}
+    examples = option_examples(tokenizer, row, SYSTEM, True, instruction, options)
+    eot = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
+    for example, word in zip(examples, options.values()):
+        scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+        assert scored[-1] == eot and tokenizer.decode(scored[:-1]).strip() == word
+        asked = tokenizer.decode(example["input_ids"][: len(example["input_ids"]) - len(scored)])
+        assert instruction.format(options=", ".join(options.values())) in asked and SYSTEM in asked
