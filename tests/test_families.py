@@ -142,7 +142,7 @@ def test_validate_names_the_models_own_layers_for_an_unknown_target(workspace):
     write_params(workspace / "params.yaml", {"lora.target_modules": ["q_proj", "query_key_value"]})
     result = subprocess.run([sys.executable, "-m", "stages.validate"], cwd=workspace, capture_output=True,
                             text=True, env=dvc_environment())
-    assert result.returncode == 1
+    assert result.returncode == 2  # a user's mistake: one line, exit 2 (stages/errors.py)
     assert result.stderr.strip().splitlines()[-1].endswith(
         "lora.target_modules: LlamaForCausalLM has no linear layer 'query_key_value'; its own are "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (or set all-linear)")
